@@ -1,0 +1,1 @@
+"""Stage one, `cache-teacher`: dataset -> tokens -> teacher engine -> sparse targets -> `storage`."""

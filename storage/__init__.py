@@ -1,0 +1,23 @@
+"""The teacher cache: the only door between stage one (writes) and stage two (reads)."""
+
+from .check import VerifyReport, format_summary, plot_summary, summarize, verify_cache
+from .errors import (
+    CacheCorruptError,
+    CacheError,
+    CacheLockedError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    CacheVersionError,
+)
+from .manifest import CacheInfo, CacheManifest
+from .reader import CacheReader, Cursor, SequenceStream
+from .sequence import SequenceTargets
+from .shard import FORMAT_VERSION, DecodedBlock, Encoding
+from .writer import CacheWriter
+
+__all__ = [
+    "CacheCorruptError", "CacheError", "CacheInfo", "CacheLockedError", "CacheManifest", "CacheMismatchError",
+    "CacheNotFoundError", "CacheReader", "CacheVersionError", "CacheWriter", "Cursor", "DecodedBlock", "Encoding",
+    "FORMAT_VERSION", "SequenceStream", "SequenceTargets", "VerifyReport", "format_summary", "plot_summary",
+    "summarize", "verify_cache",
+]

@@ -1,0 +1,156 @@
+"""`verify` (is every byte of the cache what the manifest says?) and `inspect` (what does it hold?)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CacheError
+from .fs import CacheDir
+from .manifest import CacheManifest, load_manifest
+from .reader import load_shard
+from .writer import SHARD_DIR
+
+
+@dataclass
+class VerifyReport:
+    cache: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    shards_ok: int = 0
+    shards: int = 0
+    positions: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_cache(uri: str | os.PathLike) -> VerifyReport:
+    """Check checksums, schema, decodability and counts of every shard; never raises on bad data."""
+    cache = CacheDir.open(uri)
+    report = VerifyReport(cache=cache.uri)
+    try:
+        manifest = load_manifest(cache)
+    except CacheError as e:
+        report.problems.append(str(e))
+        return report
+    report.shards = len(manifest.shards)
+    seen: dict[int, str] = {}
+    for entry in manifest.shards:
+        try:
+            shard = load_shard(cache, entry, manifest.info, verify=True)
+            rows = tokens = positions = 0
+            records = []
+            for block in shard.blocks():
+                rows += block.rows
+                tokens += len(block.input_ids)
+                positions += block.positions
+                records.append(block.records)
+                _check_values(block, manifest.info.k)
+            recs = np.concatenate(records) if records else np.zeros(0, np.int64)
+            if (rows, tokens, positions) != (entry.rows, entry.tokens, entry.positions):
+                raise CacheError(f"{cache.path(entry.file)}: decoded counts differ from the manifest")
+            for r in recs.tolist():
+                if r in seen:
+                    raise CacheError(f"{cache.path(entry.file)}: record {r} is also in {seen[r]}")
+                seen[r] = entry.file
+            report.shards_ok += 1
+            report.positions += positions
+        except CacheError as e:
+            report.problems.append(str(e))
+    listed = {e.file for e in manifest.shards}
+    for name in cache.listdir(SHARD_DIR):
+        rel = f"{SHARD_DIR}/{name}"
+        if name.startswith(".tmp-"):
+            report.warnings.append(f"{cache.path(rel)}: temporary file of an interrupted write (ignored)")
+        elif rel not in listed:
+            report.warnings.append(f"{cache.path(rel)}: not in any manifest (left by a crash; ignored, rewritten on resume)")
+    for i in range(manifest.info.num_workers):
+        w = manifest.workers.get(i)
+        if w is None:
+            report.warnings.append(f"worker {i} of {manifest.info.num_workers} has not written anything yet")
+        elif not w.complete:
+            report.warnings.append(f"worker {i} of {manifest.info.num_workers} is not complete (resume it)")
+    return report
+
+
+def _check_values(block, k: int) -> None:
+    if block.positions and not np.all(np.isfinite(block.topk_logprobs)):
+        raise CacheError("non-finite top-k log-probabilities")
+
+
+@dataclass
+class Summary:
+    manifest: CacheManifest
+    totals: dict[str, int]
+    topk_mass: np.ndarray  # per sampled position
+    top1_prob: np.ndarray
+    target_in_topk: float
+
+
+def summarize(uri: str | os.PathLike, max_positions: int | None = None) -> Summary:
+    """Totals from the manifest; distribution statistics from (up to `max_positions`) decoded positions."""
+    from .reader import CacheReader
+
+    reader = CacheReader(uri)
+    masses, top1, hits, n = [], [], 0, 0
+    for _, block in reader.blocks(prefetch=2):
+        lp = block.topk_logprobs.astype(np.float64)
+        masses.append(np.exp(lp).sum(1))
+        top1.append(np.exp(lp[:, 0]))
+        labels = block.input_ids[block.loss_mask]
+        hits += int((block.topk_ids == labels[:, None]).any(1).sum())
+        n += block.positions
+        if max_positions is not None and n >= max_positions:
+            break
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
+    return Summary(
+        manifest=reader.manifest, totals=reader.manifest.totals(), topk_mass=cat(masses), top1_prob=cat(top1),
+        target_in_topk=hits / n if n else float("nan"),
+    )
+
+
+def format_summary(s: Summary) -> str:
+    info, t = s.manifest.info, s.totals
+    done = sum(w.complete for w in s.manifest.workers.values())
+    lines = [
+        f"teacher        {info.teacher.get('name_or_path')}  ({info.teacher.get('fingerprint') or 'no fingerprint'})",
+        f"tokenizer      {info.tokenizer.get('name_or_path')}  vocab {info.vocab_size}  ({info.tokenizer.get('fingerprint')})",
+        f"engine         {info.engine.get('name')} {info.engine.get('version', '')}  dtype {info.teacher.get('dtype', '?')}",
+        f"targets        top-{info.k}  (log-prob step {info.encoding.lp_step:g} nats)",
+        f"workers        {done}/{info.num_workers} complete",
+        f"shards         {t['shards']}",
+        f"sequences      {t['sequences']:,}",
+        f"tokens         {t['tokens']:,}",
+        f"trained pos.   {t['positions']:,}",
+        f"bytes          {t['bytes']:,}  ({t['bytes'] / max(t['tokens'], 1):.1f}/token, "
+        f"{t['bytes'] / max(t['positions'], 1):.1f}/trained position)",
+    ]
+    if len(s.topk_mass):
+        lines += [
+            f"coverage       mean top-{info.k} mass {s.topk_mass.mean():.4f}  (min {s.topk_mass.min():.4f}, "
+            f"over {len(s.topk_mass):,} positions)",
+            f"teacher top-1  mean probability {s.top1_prob.mean():.4f}; actual token in top-{info.k}: {s.target_in_topk:.2%}",
+        ]
+    return "\n".join(lines)
+
+
+def plot_summary(s: Summary, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    k = s.manifest.info.k
+    axes[0].hist(s.topk_mass, bins=50, range=(0, 1), color="#3366aa")
+    axes[0].set(title=f"top-{k} probability mass per position", xlabel="mass", ylabel="positions")
+    axes[1].hist(s.top1_prob, bins=50, range=(0, 1), color="#aa6633")
+    axes[1].set(title="teacher top-1 probability", xlabel="probability", ylabel="positions")
+    fig.suptitle(f"{s.manifest.info.teacher.get('name_or_path')}: {len(s.topk_mass):,} positions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

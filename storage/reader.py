@@ -1,0 +1,182 @@
+"""Reading a cache: blocks streamed in a deterministic order, split across data-parallel ranks.
+
+The unit of order and of partitioning is a block (a record batch of a shard). The block list, optionally
+shuffled by a seed, is cut into `world` contiguous ranges, so each rank decodes only its own blocks and
+touches few shard files. A background thread reads, checks (sha256) and decodes ahead into a bounded
+queue, so memory depends on the block size and the prefetch depth, never on the cache's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import CacheCorruptError, CacheError
+from .fs import CacheDir
+from .manifest import CacheInfo, CacheManifest, ShardEntry, load_manifest
+from .sequence import SequenceTargets
+from .shard import DecodedBlock, ShardFile
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    shard: int  # index into the manifest's shard list
+    block: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a stream stands: the next unread row of the `unit`-th block of this rank's order."""
+
+    unit: int = 0
+    row: int = 0
+    rank: int = 0
+    world: int = 1
+    seed: int | None = None
+    cache: str = ""  # fingerprint of the shard list, so a cursor is not applied to another cache
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Cursor":
+        return cls(**d)
+
+
+def load_shard(cache: CacheDir, entry: ShardEntry, info: CacheInfo, verify: bool = True) -> ShardFile:
+    """Read a shard whole, check its size and checksum, and open it; errors name the file."""
+    full = cache.path(entry.file)
+    data = cache.read_bytes(entry.file)
+    if len(data) != entry.bytes:
+        raise CacheCorruptError(f"{full}: {len(data)} bytes, the manifest says {entry.bytes} (truncated or replaced)")
+    if verify and hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise CacheCorruptError(f"{full}: sha256 mismatch, the file is corrupted; rebuild this shard")
+    shard = ShardFile(full, data, info.encoding)
+    meta = shard.meta
+    for key in ("rows", "tokens", "positions"):
+        if meta.get(key) != getattr(entry, key):
+            raise CacheCorruptError(f"{full}: {key} = {meta.get(key)} in the shard, {getattr(entry, key)} in the manifest")
+    if shard.block_rows != entry.blocks:
+        raise CacheCorruptError(f"{full}: block layout differs from the manifest")
+    return shard
+
+
+class CacheReader:
+    """A cache opened for reading. `stream()` gives sequences; `blocks()` gives decoded blocks."""
+
+    def __init__(self, uri: str | os.PathLike, verify_checksums: bool = True):
+        self.dir = CacheDir.open(uri)
+        self.manifest: CacheManifest = load_manifest(self.dir)
+        self.verify_checksums = verify_checksums
+        self.shards = self.manifest.shards
+        self.fingerprint = hashlib.sha256("".join(f"{s.file}:{s.sha256};" for s in self.shards).encode()).hexdigest()[:16]
+
+    @property
+    def info(self) -> CacheInfo:
+        return self.manifest.info
+
+    def units(self, rank: int = 0, world: int = 1, seed: int | None = None) -> list[BlockRef]:
+        """This rank's blocks, in order; ranks' lists are disjoint and together cover the cache."""
+        if world < 1 or not 0 <= rank < world:
+            raise CacheError(f"rank {rank} is outside a world of {world}")
+        refs = [BlockRef(i, b, rows) for i, s in enumerate(self.shards) for b, rows in enumerate(s.blocks)]
+        if seed is not None:
+            refs = [refs[j] for j in np.random.default_rng(seed).permutation(len(refs))]
+        lo, hi = rank * len(refs) // world, (rank + 1) * len(refs) // world
+        return refs[lo:hi]
+
+    def blocks(
+        self, rank: int = 0, world: int = 1, seed: int | None = None, start: int = 0, prefetch: int = 2
+    ) -> Iterator[tuple[int, DecodedBlock]]:
+        """(unit index, decoded block) for this rank from unit `start`, decoded ahead in a thread."""
+        units = self.units(rank, world, seed)[start:]
+        if prefetch <= 0:
+            yield from zip(range(start, start + len(units)), self._decode_all(units))
+            return
+        yield from zip(range(start, start + len(units)), _prefetched(self._decode_all(units), prefetch))
+
+    def _decode_all(self, units: list[BlockRef]) -> Iterator[DecodedBlock]:
+        current: tuple[int, ShardFile] | None = None
+        for ref in units:
+            if current is None or current[0] != ref.shard:
+                current = (ref.shard, load_shard(self.dir, self.shards[ref.shard], self.info, self.verify_checksums))
+            yield current[1].decode(ref.block)
+
+    def stream(
+        self, rank: int = 0, world: int = 1, seed: int | None = None, cursor: Cursor | None = None, prefetch: int = 2
+    ) -> "SequenceStream":
+        return SequenceStream(self, rank, world, seed, cursor, prefetch)
+
+
+class SequenceStream:
+    """Iterates sequences; `cursor` is always the position right after the last one yielded."""
+
+    def __init__(self, reader: CacheReader, rank: int, world: int, seed: int | None, cursor: Cursor | None, prefetch: int):
+        self.reader = reader
+        if cursor is not None:
+            expected = (rank, world, seed, reader.fingerprint)
+            got = (cursor.rank, cursor.world, cursor.seed, cursor.cache)
+            if got != expected:
+                raise CacheError(
+                    f"cannot resume: the cursor was saved for (rank, world, seed, cache) = {got}, "
+                    f"this stream is {expected}"
+                )
+        self.cursor = cursor or Cursor(0, 0, rank, world, seed, reader.fingerprint)
+        self._prefetch = prefetch
+
+    def __iter__(self) -> Iterator[SequenceTargets]:
+        c = self.cursor
+        n_units = len(self.reader.units(c.rank, c.world, c.seed))
+        for unit, block in self.reader.blocks(c.rank, c.world, c.seed, start=c.unit, prefetch=self._prefetch):
+            first = c.row if unit == c.unit else 0
+            if first > block.rows:
+                raise CacheError(f"cursor row {first} is past the end of block {unit} ({block.rows} rows)")
+            for i in range(first, block.rows):
+                last = i + 1 == block.rows
+                self.cursor = Cursor(unit + 1 if last else unit, 0 if last else i + 1, c.rank, c.world, c.seed, c.cache)
+                yield block.sequence(i)
+        self.cursor = Cursor(n_units, 0, c.rank, c.world, c.seed, c.cache)
+
+
+_DONE = object()
+
+
+def _prefetched(it: Iterator[DecodedBlock], depth: int) -> Iterator[DecodedBlock]:
+    """Run `it` in a daemon thread, `depth` items ahead; errors surface in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, name="adakd-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,38 @@
+"""The unit of a cache: one tokenized sequence and the teacher's sparse targets at its trained positions.
+
+Alignment: token j of `input_ids` is a trained label when `loss_mask[j]` is true; the i-th trained
+label's teacher distribution (row i of the per-position arrays) was computed from `input_ids[:j]`, i.e.
+at model position j - 1. `loss_mask[0]` is always false (nothing predicts the first token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SequenceTargets:
+    record: int  # index of the source record in the dataset: unique across a cache
+    input_ids: np.ndarray  # (L,) int32, exactly the tokens the teacher scored
+    loss_mask: np.ndarray  # (L,) bool, which tokens are trained labels
+    topk_ids: np.ndarray  # (n, k) int32, n = loss_mask.sum(), sorted by descending log-probability
+    topk_logprobs: np.ndarray  # (n, k) float32, log_softmax at temperature 1
+    target_logprob: np.ndarray  # (n,) float32, log-probability of the actual label token
+    tail_logmass: np.ndarray | None = None  # (n,) float32, log(1 - top-k mass); -inf when zero
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # optional (n,) float32 fields
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Model positions (0-based) whose outputs the per-position rows describe."""
+        return np.flatnonzero(self.loss_mask) - 1
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The actual next token at each trained position."""
+        return self.input_ids[self.loss_mask]

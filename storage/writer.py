@@ -1,0 +1,214 @@
+"""Writing a cache: sequences in, complete shards and an atomically replaced manifest out.
+
+A shard is published (temporary file, fsync, rename) before the manifest that lists it, so at any
+moment the cache is valid up to its last complete shard; an unlisted shard left by a crash is simply
+rewritten. Shard boundaries depend only on the sequence stream, so a resumed run that replays the same
+records from `progress` writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import CacheError, CacheLockedError, CacheMismatchError
+from .fs import CacheDir
+from .manifest import CacheInfo, ShardEntry, WorkerManifest, load_manifest, manifest_name
+from .sequence import SequenceTargets
+from .shard import encode_shard
+
+SHARD_DIR = "shards"
+DEFAULT_SHARD_POSITIONS = 65536
+DEFAULT_BLOCK_POSITIONS = 16384
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"adakd {version('adakd')}"
+    except Exception:
+        return "adakd"
+
+
+class CacheWriter:
+    """Writes one worker's part of a cache; resumes that part if it already exists."""
+
+    def __init__(
+        self,
+        uri: str | os.PathLike,
+        info: CacheInfo,
+        worker_index: int = 0,
+        shard_positions: int = DEFAULT_SHARD_POSITIONS,
+        block_positions: int = DEFAULT_BLOCK_POSITIONS,
+    ):
+        if not 0 <= worker_index < info.num_workers:
+            raise CacheError(f"worker index {worker_index} is outside 0..{info.num_workers - 1}")
+        self.dir = CacheDir.open(uri)
+        self.info = info
+        self.worker_index = worker_index
+        self.shard_positions = shard_positions
+        self.block_positions = min(block_positions, shard_positions)
+        self._buffer: list[SequenceTargets] = []
+        self._buffered_positions = 0
+        self._progress: dict[str, Any] = {}
+        self._last_record = -1
+        self._lock_fd: int | None = None
+        try:
+            self.dir.makedirs(SHARD_DIR)
+        except OSError as e:
+            raise CacheError(f"{self.dir.uri}: cannot create the cache directory ({e}); choose a writable --out") from e
+        self._lock()
+        self._remove_stale_temporaries()
+        self.manifest = self._open_manifest()
+        self._progress = dict(self.manifest.progress)
+        if self.manifest.shards:
+            self._last_record = self.manifest.shards[-1].records[-1]
+
+    # -- opening -------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        if not self.dir.is_local:
+            return
+        import fcntl
+
+        path = os.path.join(self.dir.root, f".lock-{self.worker_index:05d}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLockedError(
+                f"{self.dir.uri}: worker {self.worker_index} is being written by another live process; "
+                "give each process its own --worker-index"
+            ) from None
+        self._lock_fd = fd
+
+    def _open_manifest(self) -> WorkerManifest:
+        mine = manifest_name(self.worker_index)
+        if any(n.startswith("manifest-") for n in self.dir.listdir()):
+            existing = load_manifest(self.dir)
+            diffs = self.info.differences(existing.info)
+            if diffs:
+                self.close_lock()
+                raise CacheMismatchError(
+                    f"{self.dir.uri} was made with other settings; use another output path or the same "
+                    "settings. Differences: " + "; ".join(diffs)
+                )
+            if self.worker_index in existing.workers:
+                return existing.workers[self.worker_index]
+        m = WorkerManifest(info=self.info, worker_index=self.worker_index, created_by=_version())
+        self.dir.write_atomic(mine, m.dumps())
+        return m
+
+    def _remove_stale_temporaries(self) -> None:
+        """Drop the temporary files a crashed writer of this slot left (never visible to readers)."""
+        mine = (f"{self.worker_index:05d}-", manifest_name(self.worker_index))
+        for folder in (None, SHARD_DIR):
+            for name in self.dir.listdir(folder):
+                parts = name.split("-", 2)
+                if name.startswith(".tmp-") and len(parts) == 3 and parts[2].startswith(mine):
+                    self.dir.remove(f"{folder}/{name}" if folder else name)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The caller's resume point as of the last published shard (empty for a new cache)."""
+        return dict(self.manifest.progress)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    # -- writing -------------------------------------------------------------------------------
+    def add(self, seq: SequenceTargets, progress: dict[str, Any] | None = None) -> None:
+        """Buffer one sequence; `progress` is the caller's state right after it (saved with its shard)."""
+        if self.manifest.complete:
+            raise CacheError(f"{self.dir.uri}: worker {self.worker_index} is already complete")
+        self._validate(seq)
+        self._buffer.append(seq)
+        self._buffered_positions += seq.num_positions
+        self._last_record = seq.record
+        if progress is not None:
+            self._progress = dict(progress)
+        if self._buffered_positions >= self.shard_positions:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the buffered sequences as one shard, then the manifest that lists it."""
+        if not self._buffer:
+            return
+        data, stats = encode_shard(self._buffer, self.info.encoding, self.block_positions)
+        name = f"{SHARD_DIR}/{self.worker_index:05d}-{len(self.manifest.shards):06d}.arrow"
+        self.dir.write_atomic(name, data)
+        self.manifest.shards.append(ShardEntry(
+            file=name, rows=stats.rows, tokens=stats.tokens, positions=stats.positions, bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(), blocks=stats.blocks, records=stats.records,
+        ))
+        self.manifest.progress = dict(self._progress)
+        self._write_manifest()
+        self._buffer, self._buffered_positions = [], 0
+
+    def close(self, progress: dict[str, Any] | None = None, complete: bool = True) -> None:
+        """Flush, and mark this worker's part complete (or just save progress when `complete` is false)."""
+        if progress is not None:
+            self._progress = dict(progress)
+        self.flush()
+        self.manifest.progress = dict(self._progress)
+        self.manifest.complete = self.manifest.complete or complete
+        self._write_manifest()
+        self.close_lock()
+
+    def close_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _write_manifest(self) -> None:
+        self.dir.write_atomic(manifest_name(self.worker_index), self.manifest.dumps())
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what is published; the buffered tail is redone on resume
+            self.close_lock()
+
+    # -- checks --------------------------------------------------------------------------------
+    def _validate(self, s: SequenceTargets) -> None:
+        enc = self.info.encoding
+        where = f"record {s.record}"
+        if s.record <= self._last_record:
+            raise CacheError(f"{where}: records must be added in increasing order (last was {self._last_record})")
+        s.input_ids = np.asarray(s.input_ids, dtype=np.int32)
+        s.loss_mask = np.asarray(s.loss_mask, dtype=bool)
+        L = len(s.input_ids)
+        if L == 0 or s.loss_mask.shape != (L,):
+            raise CacheError(f"{where}: input_ids and loss_mask must be non-empty and of equal length")
+        if s.loss_mask[0]:
+            raise CacheError(f"{where}: loss_mask[0] is set, but nothing predicts the first token")
+        n = int(s.loss_mask.sum())
+        s.topk_ids = np.asarray(s.topk_ids, dtype=np.int32).reshape(n, enc.k)
+        s.topk_logprobs = np.asarray(s.topk_logprobs, dtype=np.float32).reshape(n, enc.k)
+        s.target_logprob = np.asarray(s.target_logprob, dtype=np.float32).reshape(n)
+        if n and (s.topk_ids.min() < 0 or s.topk_ids.max() >= enc.vocab_size):
+            raise CacheError(f"{where}: top-k ids outside the vocabulary of {enc.vocab_size}")
+        if np.isnan(s.topk_logprobs).any() or np.isnan(s.target_logprob).any():
+            raise CacheError(f"{where}: NaN log-probabilities from the teacher")
+        if n and np.any(np.diff(s.topk_logprobs, axis=1) > 0):
+            order = np.argsort(-s.topk_logprobs, axis=1, kind="stable")
+            s.topk_ids = np.take_along_axis(s.topk_ids, order, 1)
+            s.topk_logprobs = np.take_along_axis(s.topk_logprobs, order, 1)
+        if enc.k >= enc.vocab_size:
+            s.tail_logmass = np.full(n, -np.inf, dtype=np.float32)
+        elif s.tail_logmass is not None:
+            s.tail_logmass = np.asarray(s.tail_logmass, dtype=np.float32).reshape(n)
+        for f in enc.fields:
+            if f not in s.extras:
+                raise CacheError(f"{where}: the cache declares field {f!r}, which this sequence lacks")
+            s.extras[f] = np.asarray(s.extras[f], dtype=np.float32).reshape(n)
+

@@ -1,0 +1,1 @@
+"""Stage two, `train-student`: `storage` -> batches -> sparse-target KD loss (AdaKD) -> student."""
