@@ -15,10 +15,59 @@ def main() -> None:
     """Offline knowledge distillation: cache a teacher once, train students with AdaKD from the cache."""
 
 
-@main.command("cache-teacher", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def cache_teacher_cmd() -> None:
-    """Stage one: run the teacher over a dataset and write a cache (not implemented yet)."""
-    raise click.ClickException("cache-teacher is not implemented yet (issue: cache-teacher)")
+@main.command("cache-teacher")
+@click.option("--teacher", required=True, help="Teacher model: a local Hugging Face directory or a hub name available offline.")
+@click.option("--data", "data", required=True, help="Dataset: local .jsonl/.json/.parquet/.csv/.txt file(s), directory or glob, or a datasets hub name.")
+@click.option("--out", required=True, help="Cache directory (local path or pyarrow URI such as s3://bucket/cache).")
+@click.option("--top-k", "k", type=int, default=64, show_default=True, help="Teacher log-probabilities kept per position.")
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="auto: vLLM when installed, else transformers.")
+@click.option("--tokenizer", default=None, help="Tokenizer, if not the teacher's directory.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--max-length", type=int, default=None, help="Maximum tokens per sequence [default: the teacher's positions - 1].")
+@click.option("--length-policy", type=click.Choice(["truncate", "skip"]), default="truncate", show_default=True, help="What to do with longer sequences.")
+@click.option("--split", default="train", show_default=True, help="Split, for hub datasets.")
+@click.option("--data-config", default=None, help="Configuration name, for hub datasets.")
+@click.option("--shape", type=click.Choice(["auto", "instruction", "chat", "text"]), default="auto", show_default=True, help="Record shape.")
+@click.option("--prompt-field", default=None, help="Column with a pre-rendered prompt [default: prompt, if present].")
+@click.option("--instruction-field", default=None, help="Instruction column [default: instruction/question].")
+@click.option("--input-field", default=None, help="Optional context column [default: input/context].")
+@click.option("--response-field", default=None, help="Response column [default: output/response/completion/answer].")
+@click.option("--messages-field", default=None, help="Chat messages column [default: messages/conversations].")
+@click.option("--text-field", default=None, help="Plain-text column [default: text/content].")
+@click.option("--prompt-template", default=None, help="Template with {instruction} and {input} [default: MiniLLM's].")
+@click.option("--limit", type=int, default=None, help="Use only the first N records.")
+@click.option("--num-workers", type=int, default=1, show_default=True, envvar="ADAKD_NUM_WORKERS", help="Processes writing this cache (one per GPU / node).")
+@click.option("--worker-index", type=int, default=0, show_default=True, envvar="ADAKD_WORKER_INDEX", help="This process's index in 0..num-workers-1.")
+@click.option("--batch-tokens", type=int, default=None, help="Tokens per engine call [default: hf 8192, vllm 65536].")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM tensor parallelism for teachers that do not fit one GPU.")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM GPU memory share.")
+@click.option("--shard-positions", type=int, default=65536, show_default=True, help="Trained positions per shard.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model/tokenizer code from the model directory (off by default).")
+@click.option("--vllm-stock-path", is_flag=True, hidden=True, help="Use vLLM's list-based logprob output (for comparison).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def cache_teacher_cmd(**o) -> None:
+    """Stage one: run the teacher over a dataset and write (or resume) a cache."""
+    from pipeline.capture import CaptureConfig, DataError, EngineError, cache_teacher
+    from pipeline.data import DataSpec
+
+    spec = DataSpec(
+        source=o["data"], split=o["split"], config=o["data_config"], shape=o["shape"], prompt_field=o["prompt_field"],
+        instruction_field=o["instruction_field"], input_field=o["input_field"], response_field=o["response_field"],
+        messages_field=o["messages_field"], text_field=o["text_field"], prompt_template=o["prompt_template"],
+        limit=o["limit"],
+    )
+    cfg = CaptureConfig(
+        teacher=o["teacher"], data=spec, out=o["out"], k=o["k"], engine=o["engine"], tokenizer=o["tokenizer"],
+        dtype=o["dtype"], max_length=o["max_length"], length_policy=o["length_policy"], num_workers=o["num_workers"],
+        worker_index=o["worker_index"], batch_tokens=o["batch_tokens"], tensor_parallel_size=o["tensor_parallel_size"],
+        gpu_memory_utilization=o["gpu_memory_utilization"], shard_positions=o["shard_positions"],
+        trust_remote_code=o["trust_remote_code"], vllm_fast_path=not o["vllm_stock_path"], show_progress=not o["no_progress"],
+    )
+    try:
+        summary = cache_teacher(cfg)
+    except (DataError, EngineError, storage.CacheError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(summary.format())
 
 
 @main.command("train-student", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -123,8 +123,12 @@ class CacheWriter:
         return self.manifest.complete
 
     # -- writing -------------------------------------------------------------------------------
-    def add(self, seq: SequenceTargets, progress: dict[str, Any] | None = None) -> None:
-        """Buffer one sequence; `progress` is the caller's state right after it (saved with its shard)."""
+    def add(self, seq: SequenceTargets, progress: dict[str, Any] | None = None, autoflush: bool = True) -> None:
+        """Buffer one sequence; `progress` is the caller's state right after it (saved with its shard).
+
+        With `autoflush=False` the caller decides where shards may end (`flush_if_full`), e.g. only at
+        engine-batch boundaries so a resumed run rebuilds the very same batches.
+        """
         if self.manifest.complete:
             raise CacheError(f"{self.dir.uri}: worker {self.worker_index} is already complete")
         self._validate(seq)
@@ -133,8 +137,16 @@ class CacheWriter:
         self._last_record = seq.record
         if progress is not None:
             self._progress = dict(progress)
+        if autoflush:
+            self.flush_if_full()
+
+    def flush_if_full(self) -> None:
         if self._buffered_positions >= self.shard_positions:
             self.flush()
+
+    def note_progress(self, progress: dict[str, Any]) -> None:
+        """Record the caller's state without a sequence (e.g. after skipping a record)."""
+        self._progress = dict(progress)
 
     def flush(self) -> None:
         """Publish the buffered sequences as one shard, then the manifest that lists it."""

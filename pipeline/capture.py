@@ -1,0 +1,366 @@
+"""`cache-teacher` as a plain function: dataset -> tokens -> teacher engine -> sparse targets -> cache.
+
+Three stages run concurrently with bounded queues so the teacher never waits on us: a thread reads and
+tokenizes records, the calling thread drives the engine, a thread builds and encodes shards (numpy and
+zstd release the GIL). Records reach the writer in dataset order, so shards are deterministic and a
+re-run resumes from the writer's saved progress with byte-identical results.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from storage import CacheError, CacheInfo, CacheWriter, Encoding, SequenceTargets
+
+from .data import DataError, DataSpec, iter_records, load_dataset, resolve_mapping, validate_records
+from .data import fingerprint as data_fingerprint
+from .engine import EngineError, Scored, TeacherEngine, vllm_available
+from .identity import package_version, teacher_fingerprint, tokenizer_fingerprint
+from .tokens import RecordTokenizer, Skipped, Tokenized
+
+ENGINES = ("auto", "hf", "vllm")
+
+
+@dataclass
+class CaptureConfig:
+    teacher: str
+    data: DataSpec
+    out: str
+    k: int = 64
+    engine: str = "auto"
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_length: int | None = None
+    length_policy: str = "truncate"
+    num_workers: int = 1
+    worker_index: int = 0
+    batch_tokens: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    shard_positions: int = 65536
+    trust_remote_code: bool = False
+    vllm_fast_path: bool = True
+    show_progress: bool = True
+
+
+@dataclass
+class Counts:
+    kept: int = 0
+    truncated: int = 0
+    skipped_too_long: int = 0
+    skipped_no_trained_token: int = 0
+    tokens: int = 0
+    positions: int = 0
+
+    def add(self, item: Tokenized | Skipped) -> None:
+        if isinstance(item, Skipped):
+            setattr(self, f"skipped_{item.reason}", getattr(self, f"skipped_{item.reason}") + 1)
+            return
+        self.kept += 1
+        self.truncated += int(item.truncated)
+        self.tokens += len(item.input_ids)
+        self.positions += item.num_positions
+
+
+@dataclass
+class Summary:
+    cache: str
+    worker_index: int
+    num_workers: int
+    engine: str
+    counts: Counts
+    run_tokens: int = 0
+    run_positions: int = 0
+    wall_s: float = 0.0
+    bytes: int = 0
+    already_complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.run_tokens / self.wall_s if self.wall_s else 0.0
+
+    def format(self) -> str:
+        c = self.counts
+        skipped = c.skipped_too_long + c.skipped_no_trained_token
+        lines = [
+            f"cache            {self.cache}  (worker {self.worker_index} of {self.num_workers}, engine {self.engine})",
+            f"records          {c.kept:,} kept ({c.truncated:,} truncated), {skipped:,} skipped "
+            f"({c.skipped_too_long:,} too long, {c.skipped_no_trained_token:,} with no trained token)",
+            f"tokens           {c.tokens:,}",
+            f"trained pos.     {c.positions:,}",
+            f"bytes            {self.bytes:,}  ({self.bytes / max(c.positions, 1):.1f} per trained position)",
+        ]
+        if self.already_complete:
+            lines.append("status           already complete: nothing to do")
+        else:
+            lines.append(f"this run         {self.run_tokens:,} tokens in {self.wall_s:.1f} s = {self.tokens_per_s:,.0f} tokens/s")
+        return "\n".join(lines)
+
+
+def check_writable(out: str) -> None:
+    """Refuse an unwritable output before any expensive work."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    path = out[len("file://"):] if out.startswith("file://") else out
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise CacheError(f"{out}: the output path is not writable ({e.strerror or e}); choose another --out") from e
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise EngineError(f"cannot load the tokenizer {name!r} ({type(e).__name__}: {e}); pass a local directory "
+                          "with tokenizer files (--tokenizer) or a model name available offline") from e
+
+
+def load_teacher_config(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise EngineError(f"cannot load the teacher {name!r} ({type(e).__name__}: {e}); pass a local model "
+                          "directory (config.json + weights) or a model name available offline") from e
+
+
+def choose_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise EngineError(f"--engine must be one of {ENGINES}, not {name!r}")
+    if name == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return name
+
+
+def resolved_dtype(cfg: CaptureConfig, engine: str) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def build_info(cfg: CaptureConfig, engine: str, tok, teacher_cfg, ds, max_length: int) -> CacheInfo:
+    vocab = int(getattr(teacher_cfg, "vocab_size", None) or len(tok))
+    if cfg.k > vocab:
+        raise EngineError(f"--top-k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
+    if len(tok) > vocab:
+        raise EngineError(f"the tokenizer has {len(tok)} tokens but the teacher only {vocab} outputs: they do not "
+                          "belong together; pass the teacher's own tokenizer")
+    mapping = resolve_mapping(cfg.data, list(ds.column_names), cfg.data.source)
+    template = cfg.data.prompt_template
+    if mapping.shape == "chat":
+        template = f"chat_template {tokenizer_fingerprint(tok)}"
+    elif mapping.shape == "instruction" and mapping.prompt:
+        template = f"pre-rendered column {mapping.prompt!r}"
+    elif mapping.shape == "instruction" and not template:
+        template = "default (MiniLLM / Alpaca)"
+    return CacheInfo(
+        teacher={"name_or_path": cfg.teacher, "fingerprint": teacher_fingerprint(cfg.teacher),
+                 "dtype": resolved_dtype(cfg, engine)},
+        tokenizer={"name_or_path": cfg.tokenizer or cfg.teacher, "fingerprint": tokenizer_fingerprint(tok),
+                   "vocab_size": len(tok)},
+        engine={"name": engine, "version": package_version("vllm" if engine == "vllm" else "transformers")},
+        dataset={"spec": cfg.data.to_json(), "fingerprint": data_fingerprint(cfg.data, ds), "shape": mapping.shape,
+                 "rows": len(ds)},
+        encoding=Encoding(k=cfg.k, vocab_size=vocab), prompt_template=template, max_length=max_length,
+        num_workers=cfg.num_workers, extra={"length_policy": cfg.length_policy},
+    )
+
+
+def make_engine(cfg: CaptureConfig, engine: str, max_length: int) -> TeacherEngine:
+    if engine == "hf":
+        from .engine_hf import HFEngine
+
+        return HFEngine(cfg.teacher, cfg.k, dtype=cfg.dtype, batch_tokens=cfg.batch_tokens or 8192,
+                        trust_remote_code=cfg.trust_remote_code)
+    from .engine_vllm import VLLMEngine
+
+    return VLLMEngine(cfg.teacher, cfg.k, max_model_len=max_length + 1, dtype=cfg.dtype,
+                      tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                      batch_tokens=cfg.batch_tokens or 65536, fast=cfg.vllm_fast_path,
+                      trust_remote_code=cfg.trust_remote_code)
+
+
+def cache_teacher(cfg: CaptureConfig) -> Summary:
+    """Run (or resume) one worker's part of a cache; returns its summary."""
+    if not 0 <= cfg.worker_index < cfg.num_workers:
+        raise CacheError(f"--worker-index {cfg.worker_index} must be in 0..{cfg.num_workers - 1} (--num-workers {cfg.num_workers})")
+    if cfg.k < 1:
+        raise EngineError(f"--top-k must be at least 1, not {cfg.k}")
+    check_writable(cfg.out)
+    engine_name = choose_engine(cfg.engine)
+    tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
+    teacher_cfg = load_teacher_config(cfg.teacher, cfg.trust_remote_code)
+    positions = int(getattr(teacher_cfg, "max_position_embeddings", 0) or 2048)
+    max_length = cfg.max_length or positions - 1
+    if max_length >= positions + (engine_name == "hf"):
+        raise EngineError(f"--max-length {max_length} exceeds what the teacher supports ({positions - 1})")
+    ds = load_dataset(cfg.data)
+    info = build_info(cfg, engine_name, tok, teacher_cfg, ds, max_length)
+    writer = CacheWriter(cfg.out, info, worker_index=cfg.worker_index, shard_positions=cfg.shard_positions)
+    progress = writer.progress
+    counts = Counts(**progress.get("counts", {}))
+    summary = Summary(cfg.out, cfg.worker_index, cfg.num_workers, engine_name, counts)
+    if writer.complete:
+        writer.close_lock()
+        summary.already_complete = True
+        summary.bytes = sum(s.bytes for s in writer.manifest.shards)
+        return summary
+    start = int(progress.get("next_index", 0))
+    try:
+        todo = validate_records(cfg.data, ds, cfg.worker_index, cfg.num_workers, start)
+    except BaseException:
+        writer.close_lock()
+        raise
+    tokenizer = RecordTokenizer(tok, max_length, cfg.length_policy)
+    engine = None
+    try:
+        engine = make_engine(cfg, engine_name, max_length)
+        t0 = time.perf_counter()
+        before = (counts.tokens, counts.positions)
+        _run(cfg, ds, start, tokenizer, engine, writer, counts, todo)
+        summary.wall_s = time.perf_counter() - t0
+        summary.run_tokens, summary.run_positions = counts.tokens - before[0], counts.positions - before[1]
+    except BaseException:
+        writer.close_lock()  # published shards stay; the buffered tail is redone on resume
+        raise
+    finally:
+        if engine is not None:
+            engine.close()
+    summary.bytes = sum(s.bytes for s in writer.manifest.shards)
+    return summary
+
+
+_END = object()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _run(cfg: CaptureConfig, ds, start: int, tokenizer: RecordTokenizer, engine: TeacherEngine,
+         writer: CacheWriter, counts: Counts, todo: int) -> None:
+    stop = threading.Event()
+    q_in: queue.Queue = queue.Queue(maxsize=4096)
+    q_out: queue.Queue = queue.Queue(maxsize=8)
+    errors: list[BaseException] = []
+    bar = _progress_bar(cfg, todo)
+
+    def produce() -> None:
+        try:
+            for rec in iter_records(cfg.data, ds, cfg.worker_index, cfg.num_workers, start):
+                if not _put(q_in, tokenizer(rec), stop):
+                    return
+        except BaseException as e:
+            errors.append(e)
+        _put(q_in, _END, stop)
+
+    def consume() -> None:
+        progress = writer.progress
+        try:
+            while True:
+                try:
+                    item = q_out.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    continue
+                if item is _END:
+                    break
+                for tokd, scored in item:
+                    counts.add(tokd)
+                    progress = _progress(counts, tokd.record + 1)
+                    if isinstance(tokd, Tokenized):
+                        writer.add(_sequence(tokd, scored), progress=progress, autoflush=False)
+                    else:
+                        writer.note_progress(progress)
+                writer.flush_if_full()  # shards end with engine batches: a resume rebuilds the same batches
+                if bar is not None:
+                    bar.update(len(item))
+                    bar.set_postfix(tokens=f"{counts.tokens:,}", refresh=False)
+            writer.close(progress=progress)
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    producer = threading.Thread(target=produce, name="adakd-tokenize", daemon=True)
+    consumer = threading.Thread(target=consume, name="adakd-encode", daemon=True)
+    producer.start()
+    consumer.start()
+    try:
+        for batch in _batches(q_in, engine.batch_tokens, stop):
+            seqs = [t for t in batch if isinstance(t, Tokenized)]
+            scored = iter(engine.score(seqs)) if seqs else iter(())
+            if not _put(q_out, [(t, next(scored) if isinstance(t, Tokenized) else None) for t in batch], stop):
+                break
+        if errors:  # the producer failed: publish nothing more, keep what is published
+            stop.set()
+        else:
+            _put(q_out, _END, stop)
+        consumer.join()
+    finally:
+        stop.set()
+        if bar is not None:
+            bar.close()
+    producer.join(timeout=5)
+    if errors:
+        raise errors[0]
+
+
+def _batches(q_in: queue.Queue, budget: int, stop: threading.Event) -> Iterator[list]:
+    """Consecutive items whose padded size (rows x longest) stays within the token budget."""
+    batch: list = []
+    longest = 0
+    while not stop.is_set():
+        item = q_in.get()
+        if item is _END:
+            break
+        n = len(item.input_ids) if isinstance(item, Tokenized) else 0
+        if batch and max(longest, n) * (sum(isinstance(b, Tokenized) for b in batch) + 1) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(item)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def _sequence(t: Tokenized, s: Scored) -> SequenceTargets:
+    return SequenceTargets(record=t.record, input_ids=t.input_ids, loss_mask=t.loss_mask, topk_ids=s.topk_ids,
+                           topk_logprobs=s.topk_logprobs, target_logprob=s.target_logprob)
+
+
+def _progress(counts: Counts, next_index: int) -> dict[str, Any]:
+    return {"next_index": next_index, "counts": dict(counts.__dict__)}
+
+
+def _progress_bar(cfg: CaptureConfig, total: int):
+    if not cfg.show_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rec", desc=f"cache-teacher w{cfg.worker_index}", dynamic_ncols=True)
+
+
+__all__ = ["CaptureConfig", "Counts", "DataError", "EngineError", "Summary", "cache_teacher"]

@@ -1,0 +1,240 @@
+"""Dataset -> records of one known shape (instruction, chat or plain text), with row-level errors.
+
+Local files (jsonl/json/parquet/csv/txt, a directory or a glob of them) and hub dataset names are
+loaded with `datasets` (Arrow-backed, memory-mapped: memory does not grow with the dataset).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+SHAPES = ("auto", "instruction", "chat", "text")
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+# The MiniLLM / DistiLLM / AdaKD template (the `prompt` field of their dolly files is rendered with it).
+DEFAULT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+DEFAULT_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}"
+    "\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+class DataError(Exception):
+    """A user-fixable problem with the dataset; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How records are read and mapped; recorded in the cache manifest."""
+
+    source: str
+    split: str = "train"
+    config: str | None = None
+    shape: str = "auto"
+    prompt_field: str | None = None  # a pre-rendered prompt (MiniLLM's `prompt`)
+    instruction_field: str | None = None
+    input_field: str | None = None  # optional context
+    response_field: str | None = None
+    messages_field: str | None = None
+    text_field: str | None = None
+    prompt_template: str | None = None  # with {instruction} and {input}; default: MiniLLM's
+    limit: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Record:
+    """One dataset row in a known shape; `index` is its position in the (limited) dataset."""
+
+    index: int
+    shape: str
+    prompt: str = ""  # instruction: rendered prompt (not trained)
+    response: str = ""  # instruction: trained
+    messages: list[dict[str, str]] | None = None  # chat
+    text: str = ""  # plain text, all trained
+
+
+def local_files(source: str) -> list[str]:
+    if os.path.isdir(source):
+        files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True) if os.path.splitext(f)[1] in FORMATS)
+        if not files:
+            raise DataError(f"{source}: no .jsonl/.json/.parquet/.csv/.txt files in this directory")
+        return files
+    if any(c in source for c in "*?["):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise DataError(f"{source}: the pattern matches no file")
+        return files
+    return [source]
+
+
+def is_local(source: str) -> bool:
+    """A path (existing or clearly meant as one) rather than a hub dataset name."""
+    return (os.path.exists(source) or any(c in source for c in "*?[") or os.path.splitext(source)[1] in FORMATS
+            or source.startswith((".", "/", "~")))
+
+
+def load_dataset(spec: DataSpec):
+    """The dataset as a `datasets.Dataset`, limited to `spec.limit` rows."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        if is_local(spec.source):
+            files = local_files(spec.source)
+            for f in files:
+                if not os.path.isfile(f):
+                    raise DataError(f"{f}: no such data file")
+                if os.path.getsize(f) == 0:
+                    raise DataError(f"{f}: the file is empty")
+            kinds = {FORMATS.get(os.path.splitext(f)[1]) for f in files}
+            if None in kinds or len(kinds) != 1:
+                raise DataError(f"{spec.source}: data files must all be one of {sorted(FORMATS)}; got {files[:5]}")
+            ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+        else:
+            ds = datasets.load_dataset(spec.source, spec.config, split=spec.split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input
+        raise DataError(f"{spec.source}: cannot load the dataset ({type(e).__name__}: {e})") from e
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"{spec.source}: the dataset has no rows")
+    return ds
+
+
+def fingerprint(spec: DataSpec, ds) -> str:
+    """Content hash of local files (plus the row count); the datasets fingerprint for hub datasets."""
+    h = hashlib.sha256()
+    if is_local(spec.source):
+        for f in local_files(spec.source):
+            h.update(os.path.basename(f).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    else:
+        h.update(str(getattr(ds, "_fingerprint", spec.source)).encode())
+    h.update(str(len(ds)).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
+    if wanted:
+        return wanted
+    return next((c for c in candidates if c in columns), None)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    shape: str
+    prompt: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    response: str | None = None
+    messages: str | None = None
+    text: str | None = None
+
+
+def resolve_mapping(spec: DataSpec, columns: list[str], where: str) -> Mapping:
+    """Which columns play which role; explicit options win over the usual names."""
+    for opt in ("prompt_field", "instruction_field", "input_field", "response_field", "messages_field", "text_field"):
+        name = getattr(spec, opt)
+        if name and name not in columns:
+            raise DataError(f"{where}: column {name!r} (--{opt.replace('_', '-')}) is not in the data; columns: {columns}")
+    messages = _pick(columns, spec.messages_field, ("messages", "conversations", "conversation"))
+    response = _pick(columns, spec.response_field, ("output", "response", "completion", "answer"))
+    prompt = _pick(columns, spec.prompt_field, ("prompt",))
+    instruction = _pick(columns, spec.instruction_field, ("instruction", "question"))
+    text = _pick(columns, spec.text_field, ("text", "content"))
+    shape = spec.shape
+    if shape == "auto":
+        if messages:
+            shape = "chat"
+        elif response and (prompt or instruction):
+            shape = "instruction"
+        elif text:
+            shape = "text"
+        else:
+            raise DataError(
+                f"{where}: cannot tell the record shape from columns {columns}. Instruction data needs a response "
+                "column (output/response) and a prompt or instruction column; chat data a messages column; plain "
+                "text a text column. Name them with --response-field/--instruction-field/--messages-field/--text-field "
+                "and/or --shape."
+            )
+    need = {"instruction": [("response", response), ("prompt or instruction", prompt or instruction)],
+            "chat": [("messages", messages)], "text": [("text", text)]}[shape]
+    for role, col in need:
+        if not col:
+            raise DataError(f"{where}: --shape {shape} needs a {role} column; columns are {columns}")
+    return Mapping(shape, prompt if not spec.instruction_field else None, instruction,
+                   _pick(columns, spec.input_field, ("input", "context")), response, messages, text)
+
+
+def _text(row: dict, col: str, where: str, allow_empty: bool = False) -> str:
+    value = row.get(col)
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}, column {col!r}: expected text, got {type(value).__name__} ({str(value)[:60]!r})")
+    if not value.strip() and not allow_empty:
+        raise DataError(f"{where}, column {col!r}: empty; fix or drop this row")
+    return value
+
+
+def to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str) -> Record:
+    """Map one row; errors name the row and column."""
+    if m.shape == "text":
+        return Record(index, "text", text=_text(row, m.text, where))
+    if m.shape == "chat":
+        msgs = row.get(m.messages)
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}, column {m.messages!r}: expected a non-empty list of role/content messages")
+        out = []
+        for j, msg in enumerate(msgs):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+                raise DataError(f"{where}, column {m.messages!r}, message {j}: expected {{'role': str, 'content': str}}")
+            out.append({"role": msg["role"], "content": msg["content"]})
+        if not any(x["role"] == "assistant" for x in out):
+            raise DataError(f"{where}, column {m.messages!r}: no assistant message to train on")
+        return Record(index, "chat", messages=out)
+    response = _text(row, m.response, where)
+    if m.prompt:
+        prompt = _text(row, m.prompt, where)
+    else:
+        instruction = _text(row, m.instruction, where)
+        context = _text(row, m.input, where, allow_empty=True) if m.input else ""
+        template = spec.prompt_template or (DEFAULT_TEMPLATE_WITH_INPUT if context.strip() else DEFAULT_TEMPLATE)
+        prompt = template.format(instruction=instruction, input=context)
+    return Record(index, "instruction", prompt=prompt, response=response)
+
+
+def iter_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1, start: int = 0) -> Iterator[Record]:
+    """This worker's records (index % num_workers == worker_index) from dataset index `start` on."""
+    where0 = f"{spec.source}"
+    m = resolve_mapping(spec, list(ds.column_names), where0)
+    first = start + ((worker_index - start) % num_workers)
+    indices = range(first, len(ds), num_workers)
+    chunk = 512
+    for c in range(0, len(indices), chunk):
+        idx = indices[c:c + chunk]
+        rows = ds[idx.start:idx.stop:idx.step] if len(idx) else {}
+        cols = list(rows)
+        for j, i in enumerate(idx):
+            yield to_record({col: rows[col][j] for col in cols}, i, m, spec, f"{where0}, row {i}")
+
+
+def validate_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1, start: int = 0) -> int:
+    """Map every record of this worker before the teacher loads, so a bad row fails in seconds, not hours."""
+    return sum(1 for _ in iter_records(spec, ds, worker_index, num_workers, start))

