@@ -15,26 +15,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 import zstandard
 
 from storage import Encoding, SequenceTargets
 from storage.shard import ShardFile, encode_shard
 
-SHARED = Path(os.environ.get("ADAKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
-def one_core() -> None:
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-    torch.set_num_threads(1)
+from .common import SHARED, one_core
 
 
 def teacher_targets(records: int, kmax: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:

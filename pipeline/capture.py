@@ -196,8 +196,11 @@ def make_engine(cfg: CaptureConfig, engine: str, max_length: int) -> TeacherEngi
                       trust_remote_code=cfg.trust_remote_code)
 
 
-def cache_teacher(cfg: CaptureConfig) -> Summary:
-    """Run (or resume) one worker's part of a cache; returns its summary."""
+def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Summary:
+    """Run (or resume) one worker's part of a cache; returns its summary.
+
+    `engine` lets a caller (benchmarks, notebooks) reuse a loaded teacher; it is then not closed here.
+    """
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise CacheError(f"--worker-index {cfg.worker_index} must be in 0..{cfg.num_workers - 1} (--num-workers {cfg.num_workers})")
     if cfg.k < 1:
@@ -228,9 +231,10 @@ def cache_teacher(cfg: CaptureConfig) -> Summary:
         writer.close_lock()
         raise
     tokenizer = RecordTokenizer(tok, max_length, cfg.length_policy)
-    engine = None
+    owned = engine is None
     try:
-        engine = make_engine(cfg, engine_name, max_length)
+        if engine is None:
+            engine = make_engine(cfg, engine_name, max_length)
         t0 = time.perf_counter()
         before = (counts.tokens, counts.positions)
         _run(cfg, ds, start, tokenizer, engine, writer, counts, todo)
@@ -240,7 +244,7 @@ def cache_teacher(cfg: CaptureConfig) -> Summary:
         writer.close_lock()  # published shards stay; the buffered tail is redone on resume
         raise
     finally:
-        if engine is not None:
+        if owned and engine is not None:
             engine.close()
     summary.bytes = sum(s.bytes for s in writer.manifest.shards)
     return summary

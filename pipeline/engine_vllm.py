@@ -26,17 +26,22 @@ class ArrayPromptLogprobs(list):
         self.logprobs: list[np.ndarray] = []
 
 
-_PATCHED = False
+class _FastPath:
+    installed = False
+    enabled = False  # switched per `score` call, so one engine can serve both paths (tests compare them)
 
 
 def install_fast_path() -> None:
-    """Keep prompt logprobs as arrays (idempotent; only affects requests of this process)."""
-    global _PATCHED
-    if _PATCHED:
+    """Keep prompt logprobs as arrays while enabled (idempotent; this process only)."""
+    if _FastPath.installed:
         return
     from vllm.v1.engine import logprobs as lp_mod
 
+    stock = lp_mod.LogprobsProcessor._update_prompt_logprobs
+
     def update(self, tensors) -> None:
+        if not _FastPath.enabled:
+            return stock(self, tensors)
         token_ids, logprobs, *_ = tensors
         if not isinstance(self.prompt_logprobs, ArrayPromptLogprobs):
             self.prompt_logprobs = ArrayPromptLogprobs()
@@ -44,7 +49,7 @@ def install_fast_path() -> None:
         self.prompt_logprobs.logprobs.append(logprobs.numpy())
 
     lp_mod.LogprobsProcessor._update_prompt_logprobs = update
-    _PATCHED = True
+    _FastPath.installed = True
 
 
 def _cpu_defaults() -> None:
@@ -71,8 +76,7 @@ class VLLMEngine:
             _cpu_defaults()
             dtype = "float32" if dtype == "auto" else dtype
             enforce_eager = True
-        if fast:
-            install_fast_path()
+        install_fast_path()
         self.version = vllm.__version__
         self.k = k
         self.fast = fast
@@ -101,6 +105,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in batch]
+        _FastPath.enabled = self.fast
         outs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [self._scored(s, o.prompt_logprobs) for s, o in zip(batch, outs)]
 

@@ -44,13 +44,18 @@ def from_planes(planes: list[np.ndarray]) -> np.ndarray:
 
 
 def quantize_topk(logprobs: np.ndarray, step: float = LP_STEP) -> np.ndarray:
-    """(n, k) descending log-probabilities -> (n, k) uint16 gaps between quantized ranks."""
-    q = np.clip(np.rint(-logprobs.astype(np.float64) / step), 0, Q_MAX).astype(np.int32)
-    q = np.maximum.accumulate(q, axis=1)  # guards float ties; a no-op on sorted input
-    gaps = np.empty_like(q)
-    gaps[:, 0] = q[:, 0]
-    np.subtract(q[:, 1:], q[:, :-1], out=gaps[:, 1:])
-    return gaps.astype(np.uint16)
+    """(n, k) log-probabilities sorted descending -> (n, k) uint16 gaps between quantized ranks.
+
+    Rounding is monotonic, so sorted input gives non-decreasing codes and non-negative gaps.
+    """
+    q = np.multiply(logprobs, np.float32(-1.0 / step), dtype=np.float32)
+    np.rint(q, out=q)
+    np.clip(q, 0, Q_MAX, out=q)
+    codes = q.astype(np.uint16)
+    gaps = np.empty_like(codes)
+    gaps[:, :1] = codes[:, :1]
+    np.subtract(codes[:, 1:], codes[:, :-1], out=gaps[:, 1:])
+    return gaps
 
 
 def dequantize_topk(gaps: np.ndarray, step: float = LP_STEP) -> np.ndarray:

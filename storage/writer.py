@@ -18,7 +18,7 @@ from .errors import CacheError, CacheLockedError, CacheMismatchError
 from .fs import CacheDir
 from .manifest import CacheInfo, ShardEntry, WorkerManifest, load_manifest, manifest_name
 from .sequence import SequenceTargets
-from .shard import encode_shard
+from .shard import Encoding, encode_shard
 
 SHARD_DIR = "shards"
 DEFAULT_SHARD_POSITIONS = 65536
@@ -131,7 +131,7 @@ class CacheWriter:
         """
         if self.manifest.complete:
             raise CacheError(f"{self.dir.uri}: worker {self.worker_index} is already complete")
-        self._validate(seq)
+        validate_sequence(seq, self.info.encoding, self._last_record)
         self._buffer.append(seq)
         self._buffered_positions += seq.num_positions
         self._last_record = seq.record
@@ -190,37 +190,42 @@ class CacheWriter:
         else:  # keep what is published; the buffered tail is redone on resume
             self.close_lock()
 
-    # -- checks --------------------------------------------------------------------------------
-    def _validate(self, s: SequenceTargets) -> None:
-        enc = self.info.encoding
-        where = f"record {s.record}"
-        if s.record <= self._last_record:
-            raise CacheError(f"{where}: records must be added in increasing order (last was {self._last_record})")
-        s.input_ids = np.asarray(s.input_ids, dtype=np.int32)
-        s.loss_mask = np.asarray(s.loss_mask, dtype=bool)
-        L = len(s.input_ids)
-        if L == 0 or s.loss_mask.shape != (L,):
-            raise CacheError(f"{where}: input_ids and loss_mask must be non-empty and of equal length")
-        if s.loss_mask[0]:
-            raise CacheError(f"{where}: loss_mask[0] is set, but nothing predicts the first token")
-        n = int(s.loss_mask.sum())
+
+def validate_sequence(s: SequenceTargets, enc: Encoding, last_record: int = -1) -> None:
+    """Check a sequence against the cache's encoding and normalize it in place (dtypes, order, tail).
+
+    Errors name the record; top-k rows that are not sorted are sorted (ids follow their values).
+    """
+    where = f"record {s.record}"
+    if s.record <= last_record:
+        raise CacheError(f"{where}: records must be added in increasing order (last was {last_record})")
+    s.input_ids = np.asarray(s.input_ids, dtype=np.int32)
+    s.loss_mask = np.asarray(s.loss_mask, dtype=bool)
+    L = len(s.input_ids)
+    if L == 0 or s.loss_mask.shape != (L,):
+        raise CacheError(f"{where}: input_ids and loss_mask must be non-empty and of equal length")
+    if s.loss_mask[0]:
+        raise CacheError(f"{where}: loss_mask[0] is set, but nothing predicts the first token")
+    n = int(np.count_nonzero(s.loss_mask))
+    try:
         s.topk_ids = np.asarray(s.topk_ids, dtype=np.int32).reshape(n, enc.k)
         s.topk_logprobs = np.asarray(s.topk_logprobs, dtype=np.float32).reshape(n, enc.k)
         s.target_logprob = np.asarray(s.target_logprob, dtype=np.float32).reshape(n)
-        if n and (s.topk_ids.min() < 0 or s.topk_ids.max() >= enc.vocab_size):
-            raise CacheError(f"{where}: top-k ids outside the vocabulary of {enc.vocab_size}")
-        if np.isnan(s.topk_logprobs).any() or np.isnan(s.target_logprob).any():
-            raise CacheError(f"{where}: NaN log-probabilities from the teacher")
-        if n and np.any(np.diff(s.topk_logprobs, axis=1) > 0):
-            order = np.argsort(-s.topk_logprobs, axis=1, kind="stable")
-            s.topk_ids = np.take_along_axis(s.topk_ids, order, 1)
-            s.topk_logprobs = np.take_along_axis(s.topk_logprobs, order, 1)
-        if enc.k >= enc.vocab_size:
-            s.tail_logmass = np.full(n, -np.inf, dtype=np.float32)
-        elif s.tail_logmass is not None:
-            s.tail_logmass = np.asarray(s.tail_logmass, dtype=np.float32).reshape(n)
-        for f in enc.fields:
-            if f not in s.extras:
-                raise CacheError(f"{where}: the cache declares field {f!r}, which this sequence lacks")
-            s.extras[f] = np.asarray(s.extras[f], dtype=np.float32).reshape(n)
-
+    except ValueError as e:
+        raise CacheError(f"{where}: per-position arrays must be ({n}, {enc.k}) and ({n},) for {n} trained tokens") from e
+    if n and (s.topk_ids.min() < 0 or s.topk_ids.max() >= enc.vocab_size):
+        raise CacheError(f"{where}: top-k ids outside the vocabulary of {enc.vocab_size}")
+    if np.isnan(s.topk_logprobs.sum()) or np.isnan(s.target_logprob.sum()):
+        raise CacheError(f"{where}: NaN log-probabilities from the teacher")
+    if n and enc.k > 1 and (s.topk_logprobs[:, 1:] > s.topk_logprobs[:, :-1]).any():
+        order = np.argsort(-s.topk_logprobs, axis=1, kind="stable")
+        s.topk_ids = np.take_along_axis(s.topk_ids, order, 1)
+        s.topk_logprobs = np.take_along_axis(s.topk_logprobs, order, 1)
+    if enc.k >= enc.vocab_size:
+        s.tail_logmass = np.full(n, -np.inf, dtype=np.float32)
+    elif s.tail_logmass is not None:
+        s.tail_logmass = np.asarray(s.tail_logmass, dtype=np.float32).reshape(n)
+    for f in enc.fields:
+        if f not in s.extras:
+            raise CacheError(f"{where}: the cache declares field {f!r}, which this sequence lacks")
+        s.extras[f] = np.asarray(s.extras[f], dtype=np.float32).reshape(n)

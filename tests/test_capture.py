@@ -262,10 +262,30 @@ def test_k_larger_than_vocabulary(teacher, instr, tmp_path):
     assert "larger than the teacher's vocabulary" in out
 
 
-def test_teacher_that_cannot_be_loaded(instr, tmp_path):
+def test_tokenizer_that_cannot_be_loaded(instr, tmp_path):
     (tmp_path / "broken").mkdir()
     r = run("--teacher", str(tmp_path / "broken"), "--data", str(instr), "--out", str(tmp_path / "c"), "--engine", "hf", ok=False)
-    assert r.exit_code == 1 and "cannot load the tokenizer" in r.output or "cannot load the teacher" in r.output
+    assert r.exit_code == 1 and "cannot load the tokenizer" in r.output and str(tmp_path / "broken") in r.output
+
+
+def test_teacher_that_cannot_be_loaded(teacher, instr, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    r = run("--teacher", str(broken), "--tokenizer", str(teacher), "--data", str(instr), "--out", str(tmp_path / "c"),
+            "--engine", "hf", ok=False)
+    assert r.exit_code == 1 and "cannot load the teacher" in r.output and str(broken) in r.output
+
+
+def test_teacher_weights_that_cannot_be_loaded(teacher, instr, tmp_path):
+    import shutil
+
+    broken = tmp_path / "noweights"
+    shutil.copytree(teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = bad(broken, instr, tmp_path)
+    assert "cannot load the teacher" in out and str(broken) in out
+    assert not list((tmp_path / "c" / "shards").glob("*.arrow"))
 
 
 def test_mismatched_tokenizer_is_refused(teacher, instr, tmp_path):
