@@ -95,11 +95,11 @@ def verify(cache: str) -> None:
 @main.command()
 @click.argument("cache")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write histograms of top-k mass and top-1 probability to this PNG.")
-@click.option("--max-positions", type=int, default=None, help="Decode at most this many positions for the statistics.")
+@click.option("--max-positions", type=int, default=2_000_000, show_default=True, help="Positions decoded (from the start) for the coverage statistics; 0 for all.")
 def inspect(cache: str, plot_path: str | None, max_positions: int | None) -> None:
     """Summarize CACHE: teacher, tokenizer, k, shards, sequences, tokens, bytes, coverage."""
     try:
-        s = storage.summarize(cache, max_positions=max_positions)
+        s = storage.summarize(cache, max_positions=max_positions or None)
     except storage.CacheError as e:
         raise click.ClickException(str(e)) from e
     click.echo(storage.format_summary(s))

@@ -1,6 +1,6 @@
 """Teacher-capture benchmark: does `cache-teacher` keep the teacher busy, and how fast is our side?
 
-    python -m bench.capture [--records 48] [--repeats 3] [--engines hf,vllm]
+    python -m bench.capture [--records 96] [--repeats 5] [--engines hf,vllm]
 
 Teacher: Llama-shaped, the real 50,257-token GPT-2 tokenizer (../shared/tokenizers/gpt2), hidden 256,
 4 layers, random weights (output layer scaled so distributions are peaked), float32. Data: dolly train
@@ -134,11 +134,14 @@ def measure_engine(name: str, teacher: Path, data: Path, seqs, max_length: int, 
         reference_vllm(engine, seqs[:2])
     tokens = sum(len(s.input_ids) for s in seqs)
     refs, e2es = [], []
-    for _ in range(repeats):
-        refs.append(tokens / ref_fn(engine, seqs))
-        wall, run_tokens = end_to_end(engine, teacher, data, max_length)
-        assert run_tokens == tokens
-        e2es.append(tokens / wall)
+    for rep in range(repeats):  # alternate which goes first, so drift on a shared machine cancels out
+        for which in ((0, 1) if rep % 2 == 0 else (1, 0)):
+            if which == 0:
+                refs.append(tokens / ref_fn(engine, seqs))
+            else:
+                wall, run_tokens = end_to_end(engine, teacher, data, max_length)
+                assert run_tokens == tokens
+                e2es.append(tokens / wall)
     sample = None
     if name == "vllm":
         from pipeline.engine_vllm import _FastPath
@@ -215,8 +218,8 @@ def ceiling(sample, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--records", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--max-length", type=int, default=512)
     args = ap.parse_args()

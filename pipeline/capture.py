@@ -118,24 +118,23 @@ def check_writable(out: str) -> None:
         raise CacheError(f"{out}: the output path is not writable ({e.strerror or e}); choose another --out") from e
 
 
-def load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+def _load(what: str, cls_name: str, name: str, trust_remote_code: bool, hint: str):
+    import transformers
 
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return getattr(transformers, cls_name).from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise EngineError(f"cannot load the tokenizer {name!r} ({type(e).__name__}: {e}); pass a local directory "
-                          "with tokenizer files (--tokenizer) or a model name available offline") from e
+        raise EngineError(f"cannot load the {what} {name!r} ({type(e).__name__}: {e}); {hint}") from e
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    return _load("tokenizer", "AutoTokenizer", name, trust_remote_code,
+                 "pass a local directory with tokenizer files (--tokenizer) or a model name available offline")
 
 
 def load_teacher_config(name: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise EngineError(f"cannot load the teacher {name!r} ({type(e).__name__}: {e}); pass a local model "
-                          "directory (config.json + weights) or a model name available offline") from e
+    return _load("teacher", "AutoConfig", name, trust_remote_code,
+                 "pass a local model directory (config.json + weights) or a model name available offline")
 
 
 def choose_engine(name: str) -> str:
@@ -280,6 +279,8 @@ def _run(cfg: CaptureConfig, ds, start: int, tokenizer: RecordTokenizer, engine:
             errors.append(e)
         _put(q_in, _END, stop)
 
+    t0, tokens0 = time.perf_counter(), counts.tokens
+
     def consume() -> None:
         progress = writer.progress
         try:
@@ -302,7 +303,8 @@ def _run(cfg: CaptureConfig, ds, start: int, tokenizer: RecordTokenizer, engine:
                 writer.flush_if_full()  # shards end with engine batches: a resume rebuilds the same batches
                 if bar is not None:
                     bar.update(len(item))
-                    bar.set_postfix(tokens=f"{counts.tokens:,}", refresh=False)
+                    rate = (counts.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{counts.tokens:,} tokens, {rate:,.0f} tok/s", refresh=False)
             writer.close(progress=progress)
         except BaseException as e:
             errors.append(e)
