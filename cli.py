@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -66,8 +67,20 @@ def cache_teacher_cmd(**o) -> None:
     try:
         summary = cache_teacher(cfg)
     except (DataError, EngineError, storage.CacheError) as e:
-        raise click.ClickException(str(e)) from e
+        click.echo(f"Error: {e}", err=True)
+        _finish(1)
     click.echo(summary.format())
+    _finish(0)
+
+
+def _finish(code: int) -> None:
+    """Exit; after vLLM ran, skip interpreter teardown, where vLLM's CPU build can abort
+    ("terminate called without an active exception"). Everything written is already fsynced."""
+    if "vllm" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @main.command("train-student", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -1,0 +1,130 @@
+"""Divergences between teacher and student on a cached sparse target: the top-k ids plus one tail bucket.
+
+Both distributions are coarse-grained onto the same k + 1 buckets: the teacher's top-k ids and "every
+other token". The teacher's bucket values come from the cache; the student's are its probabilities of
+those ids and the rest of its mass. With k = V the tail is empty and every divergence is the dense one.
+
+Temperature: inside the top-k, tempering is exact (p^(T) is proportional to p^(1/T)). The tail's share
+at temperature T is estimated by spreading the tail evenly over the other V - k tokens:
+weight = (V - k) * (tail / (V - k))^(1/T); exact at T = 1 and when the tail is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, vocab_size: int,
+                    temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(n, k + 1) normalized log-probabilities of the teacher at `temperature` (a scalar or (n,))."""
+    T = _as_column(temperature, topk_logprobs)
+    k = topk_logprobs.shape[-1]
+    head = topk_logprobs / T
+    rest = vocab_size - k
+    if rest > 0:
+        log_rest = math.log(rest)
+        tail = (log_rest + (tail_logmass.unsqueeze(-1) - log_rest) / T)
+        tail = torch.where(torch.isneginf(tail_logmass).unsqueeze(-1), torch.full_like(tail, NEG_INF), tail)
+    else:
+        tail = torch.full_like(head[:, :1], NEG_INF)
+    return torch.log_softmax(torch.cat([head, tail], dim=-1), dim=-1)
+
+
+def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(n, k + 1) log-probabilities of the student at `temperature` on the teacher's buckets."""
+    z = logits.float() / _as_column(temperature, logits)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    head = z.gather(-1, topk_ids) - lse
+    rest = torch.logsumexp(z.scatter(-1, topk_ids, NEG_INF), dim=-1, keepdim=True) - lse
+    return torch.cat([head, rest], dim=-1)
+
+
+def _as_column(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(t, torch.Tensor) and t.dim() == 1:
+        return t.to(like.dtype if like.is_floating_point() else torch.float32).unsqueeze(-1)
+    return t
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities; 0 * log 0 = 0, and no NaN from -inf - -inf."""
+    p = lp.exp()
+    diff = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
+    return (p * diff).sum(-1)
+
+
+def _log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * p + (1 - w) * q)."""
+    return torch.logaddexp(lp + math.log(w), lq + math.log1p(-w)) if 0 < w < 1 else (lp if w >= 1 else lq)
+
+
+def fkl(lp, lq, **_):
+    return _kl(lp, lq)
+
+
+def rkl(lp, lq, **_):
+    return _kl(lq, lp)
+
+
+def jsd(lp, lq, jsd_beta: float = 0.1, **_):
+    """beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q (beta: the teacher's weight)."""
+    m = _log_mix(lp, lq, jsd_beta)
+    return jsd_beta * _kl(lp, m) + (1 - jsd_beta) * _kl(lq, m)
+
+
+def sfkl(lp, lq, skew: float = 0.1, **_):
+    """Skew forward KL: KL(p || skew * p + (1 - skew) * q)."""
+    return _kl(lp, _log_mix(lp, lq, skew))
+
+
+def srkl(lp, lq, skew: float = 0.1, **_):
+    """Skew reverse KL: KL(q || skew * q + (1 - skew) * p)."""
+    return _kl(lq, _log_mix(lq, lp, skew))
+
+
+def tvd(lp, lq, **_):
+    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+
+
+def akl(lp, lq, akl_mu: float = 0.5, **_):
+    """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the head and tail gaps (weights held constant).
+
+    Head: the teacher's highest-probability buckets whose cumulative mass stays within `akl_mu` (the
+    top-k buckets are already sorted; the tail bucket is always in the tail).
+    """
+    p, q = lp.exp(), lq.exp()
+    head_p = p[:, :-1]
+    head = (torch.cumsum(head_p, -1) - head_p) < akl_mu  # mass before this bucket is below mu
+    head = torch.cat([head, torch.zeros_like(head[:, :1])], -1)
+    gap = (p - q).abs().detach()
+    g_head = (gap * head).sum(-1)
+    g_tail = (gap * ~head).sum(-1)
+    denom = (g_head + g_tail).clamp_min(1e-12)
+    return (g_head / denom) * _kl(lp, lq) + (g_tail / denom) * _kl(lq, lp)
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl,
+}
+
+
+def divergence(name: str) -> Callable[..., torch.Tensor]:
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(DIVERGENCES)}")
+    return DIVERGENCES[name]
+
+
+def hellinger(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Hellinger distance per row, in [0, 1]."""
+    d = (torch.exp(0.5 * lp) - torch.exp(0.5 * lq)).pow(2).sum(-1)
+    return (d.clamp_min(0) / 2).sqrt()
+
+
+def dense_buckets(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """Full-vocabulary log-probabilities at temperature: the dense reference of the bucket functions."""
+    return F.log_softmax(logits.float() / _as_column(temperature, logits), dim=-1)
