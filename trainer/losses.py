@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 NEG_INF = float("-inf")
+LOG_FLOOR = -1e30  # stands for log 0 where a finite value is needed
 
 
 def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, vocab_size: int,
@@ -38,16 +39,20 @@ def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, voc
 
 def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """(n, k + 1) log-probabilities of the student at `temperature` on the teacher's buckets."""
-    z = logits.float() / _as_column(temperature, logits)
+    z = _at_least_fp32(logits) / _as_column(temperature, logits)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     head = z.gather(-1, topk_ids) - lse
     rest = torch.logsumexp(z.scatter(-1, topk_ids, NEG_INF), dim=-1, keepdim=True) - lse
     return torch.cat([head, rest], dim=-1)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _as_column(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
     if isinstance(t, torch.Tensor) and t.dim() == 1:
-        return t.to(like.dtype if like.is_floating_point() else torch.float32).unsqueeze(-1)
+        return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32).unsqueeze(-1)
     return t
 
 
@@ -59,8 +64,10 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 
 
 def _log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w * p + (1 - w) * q)."""
-    return torch.logaddexp(lp + math.log(w), lq + math.log1p(-w)) if 0 < w < 1 else (lp if w >= 1 else lq)
+    """log(w * p + (1 - w) * q); empty buckets (-inf) are floored so no NaN reaches the gradient."""
+    if not 0 < w < 1:
+        return lp if w >= 1 else lq
+    return torch.logaddexp(lp.clamp_min(LOG_FLOOR) + math.log(w), lq.clamp_min(LOG_FLOOR) + math.log1p(-w))
 
 
 def fkl(lp, lq, **_):
@@ -127,4 +134,4 @@ def hellinger(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 
 def dense_buckets(logits: torch.Tensor, temperature) -> torch.Tensor:
     """Full-vocabulary log-probabilities at temperature: the dense reference of the bucket functions."""
-    return F.log_softmax(logits.float() / _as_column(temperature, logits), dim=-1)
+    return F.log_softmax(_at_least_fp32(logits) / _as_column(temperature, logits), dim=-1)

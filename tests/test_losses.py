@@ -1,0 +1,198 @@
+"""Sparse-target losses and AdaKD against dense references written from the definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, latf_update, select
+from trainer.kd_loss import LossConfig, Targets, kd_loss
+from trainer.losses import DIVERGENCES, hellinger, student_buckets, teacher_buckets
+
+V = 11
+
+
+def dense_div(name: str, lp: torch.Tensor, lq: torch.Tensor, beta=0.1, skew=0.1, mu=0.5) -> torch.Tensor:
+    """Each divergence written directly on full distributions."""
+    p, q = lp.exp(), lq.exp()
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
+    if name == "fkl":
+        return kl(p, q)
+    if name == "rkl":
+        return kl(q, p)
+    if name == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if name == "sfkl":
+        return kl(p, skew * p + (1 - skew) * q)
+    if name == "srkl":
+        return kl(q, skew * q + (1 - skew) * p)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "akl":
+        ps, order = p.sort(-1, descending=True)
+        qs = q.gather(-1, order)
+        head = (ps.cumsum(-1) - ps) < mu
+        gap = (ps - qs).abs().detach()  # AKL's weights are held constant (documented choice)
+        gh = (gap * head).sum(-1)
+        gt = (gap * ~head).sum(-1)
+        return gh / (gh + gt) * kl(p, q) + gt / (gh + gt) * kl(q, p)
+    raise KeyError(name)
+
+
+def full_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, k: int = V) -> Targets:
+    lp = teacher_logits.log_softmax(-1)
+    v, i = lp.topk(k, -1)
+    rest = 1 - v.exp().sum(-1)
+    tail = torch.where(rest > 0, rest.clamp_min(1e-300).log(), torch.full_like(rest, -math.inf)) if k < V else torch.full_like(rest, -math.inf)
+    return Targets(i, v, tail, labels, V)
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    N, H = 9, 6
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    teacher = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, teacher, labels
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+@pytest.mark.parametrize("temp", [1.0, 2.0, "per-token"])
+def test_sparse_equals_dense_when_k_is_vocabulary(data, name, temp):
+    hidden, weight, teacher, labels = data
+    z = hidden @ weight.t()
+    T = torch.linspace(0.6, 1.8, len(z), dtype=torch.float64) if temp == "per-token" else temp
+    t = full_targets(teacher, labels)
+    sparse = DIVERGENCES[name](teacher_buckets(t.topk_logprobs, t.tail_logmass, V, T), student_buckets(z, t.topk_ids, T))
+    Tc = T.unsqueeze(-1) if isinstance(T, torch.Tensor) else T
+    dense = dense_div(name, (teacher / Tc).log_softmax(-1), (z / Tc).log_softmax(-1))
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+
+
+def test_hellinger_sparse_equals_dense_and_lower_bounds_it(data):
+    hidden, weight, teacher, labels = data
+    z = hidden @ weight.t()
+    dense = hellinger(teacher.log_softmax(-1), z.log_softmax(-1))
+    t = full_targets(teacher, labels)
+    torch.testing.assert_close(hellinger(teacher_buckets(t.topk_logprobs, t.tail_logmass, V), student_buckets(z, t.topk_ids)), dense)
+    t4 = full_targets(teacher, labels, k=4)
+    coarse = hellinger(teacher_buckets(t4.topk_logprobs, t4.tail_logmass, V), student_buckets(z, t4.topk_ids))
+    assert (coarse <= dense + 1e-12).all()
+
+
+def test_tail_bucket_is_exact_at_temperature_one(data):
+    hidden, weight, teacher, labels = data
+    t = full_targets(teacher, labels, k=4)
+    lp = teacher_buckets(t.topk_logprobs, t.tail_logmass, V, 1.0)
+    full = teacher.log_softmax(-1)
+    torch.testing.assert_close(lp[:, :4], t.topk_logprobs)
+    torch.testing.assert_close(lp[:, 4].exp(), 1 - t.topk_logprobs.exp().sum(-1))
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(len(lp), dtype=torch.float64))
+    assert full.shape[1] == V
+
+
+def dense_adakd(hidden, weight, teacher, name, ratio, T_base, c, latf=True, idts=True):
+    """AdaKD written straight from ../shared/reference/adakd.md, on full distributions."""
+    z = hidden @ weight.t()
+    p, q = teacher.softmax(-1), z.softmax(-1)
+    s = (1 / math.sqrt(2)) * ((p.sqrt() - q.sqrt()) ** 2).sum(-1).sqrt()
+    N = len(s)
+    n = max(1, math.floor(ratio * N)) if latf else N
+    sel = torch.topk(s, n).indices.sort().values if latf else torch.arange(N)
+    if idts:
+        m = s[sel].median()
+        u = torch.tanh(torch.log(torch.clamp(s[sel] / m, min=1e-8)))
+        T = T_base * torch.exp(-c * u)
+    else:
+        T = torch.full((n,), T_base, dtype=torch.float64)
+    Tc = T.unsqueeze(-1)
+    d = dense_div(name, (teacher[sel] / Tc).log_softmax(-1), (z[sel] / Tc).log_softmax(-1))
+    return (T ** 2 * d).mean(), sel, T
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "akl"])
+@pytest.mark.parametrize("latf,idts", [(True, True), (True, False), (False, True)])
+def test_adakd_matches_dense_reference(data, name, latf, idts):
+    hidden, weight, teacher, labels = data
+    cfg = LossConfig(loss=name, temperature=1.3, adakd=AdaKDConfig(latf=latf, idts=idts, temperature_scale=0.5), chunk_positions=4)
+    out = kd_loss(hidden, weight, full_targets(teacher, labels), cfg, LATFState(ratio=0.55))
+    ref, sel, T = dense_adakd(hidden, weight, teacher, name, 0.55, 1.3, 0.5, latf, idts)
+    torch.testing.assert_close(out.loss, ref)
+    assert out.selected == len(sel) and out.valid == len(hidden)
+    torch.testing.assert_close(out.temperatures.double(), T.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_chunked_gradients_equal_dense_autograd(data, name):
+    hidden, weight, teacher, labels = data
+    cfg = LossConfig(loss=name, kd_weight=0.7, temperature=1.5, adakd=AdaKDConfig(latf=False, idts=False), chunk_positions=2)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    kd_loss(h1, w1, full_targets(teacher, labels), cfg).loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    z = h2 @ w2.t()
+    d = dense_div(name, (teacher / 1.5).log_softmax(-1), (z / 1.5).log_softmax(-1))
+    ce = torch.nn.functional.cross_entropy(z, labels)
+    (0.3 * ce + 0.7 * (1.5 ** 2 * d).mean()).backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_gradcheck_numerically(data):
+    hidden, weight, teacher, labels = data
+    t = full_targets(teacher, labels, k=4)
+    cfg = LossConfig(loss="srkl", kd_weight=0.8, temperature=1.7, adakd=AdaKDConfig(latf=False, idts=False), chunk_positions=3)
+    h = hidden[:5].clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    f = lambda a, b: kd_loss(a, b, t.index(torch.arange(5)), cfg).loss  # noqa: E731
+    assert torch.autograd.gradcheck(f, (h, w), eps=1e-6, atol=1e-5)
+
+
+def test_no_valid_position_gives_zero_not_nan():
+    h = torch.zeros(0, 6, requires_grad=True)
+    w = torch.randn(V, 6, requires_grad=True)
+    t = Targets(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), V)
+    out = kd_loss(h, w, t, LossConfig(), LATFState())
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.isfinite(w.grad).all() and out.selected == 0
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown loss 'kl2'.*fkl, rkl, jsd, sfkl, srkl, tvd, akl"):
+        LossConfig(loss="kl2")
+
+
+def test_latf_controller_follows_the_loss_trend():
+    cfg = AdaKDConfig(ema_decay=0.0)  # E = L, to read the rule directly
+    st = LATFState()
+    latf_update(st, 10.0, past_warmup=False, cfg=cfg)
+    assert st.reference is None and st.ratio == 1.0
+    latf_update(st, 10.0, past_warmup=True, cfg=cfg)
+    assert st.reference == 10.0
+    latf_update(st, 9.0, past_warmup=True, cfg=cfg)  # falling by 10% > eps: narrow
+    assert st.ratio == pytest.approx(0.95) and st.reference == 9.0
+    latf_update(st, 8.9, past_warmup=True, cfg=cfg)  # within eps: unchanged
+    assert st.ratio == pytest.approx(0.95) and st.reference == 9.0
+    latf_update(st, 10.0, past_warmup=True, cfg=cfg)  # rising by > eps: widen
+    assert st.ratio == pytest.approx(0.95 * 1.05) and st.reference == 10.0
+    latf_update(st, 11.0, past_warmup=True, cfg=cfg)  # rising again: capped at 1
+    assert st.ratio == 1.0
+    for _ in range(200):
+        latf_update(st, st.reference * 0.5, past_warmup=True, cfg=cfg)
+    assert st.ratio == pytest.approx(0.1)  # floor
+    st2 = LATFState.from_json(st.to_json())
+    assert st2 == st
+
+
+def test_selection_and_temperatures():
+    s = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.2])
+    assert select(s, 0.4).tolist() == [1, 3]
+    assert select(s, 0.0).tolist() == [3]  # at least one
+    T = idts_temperatures(torch.tensor([0.2, 0.4, 0.8]), 2.0, 0.5)
+    assert T[1].item() == pytest.approx(2.0)  # median difficulty -> base temperature
+    assert T[2] < 2.0 < T[0]  # harder -> colder
+    assert (T > 2.0 * math.exp(-0.5)).all() and (T < 2.0 * math.exp(0.5)).all()
