@@ -83,10 +83,107 @@ def _finish(code: int) -> None:
     sys.exit(code)
 
 
-@main.command("train-student", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def train_student_cmd() -> None:
-    """Stage two: train a student from a cache (not implemented yet)."""
-    raise click.ClickException("train-student is not implemented yet (issue: train-student)")
+@main.command("train-student")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (names as below, dashes or underscores); command-line options override it.")
+@click.option("--cache", help="Cache written by cache-teacher.")
+@click.option("--student", help="Student: a Hugging Face model directory (pretrained) or a config.json (random init).")
+@click.option("--out", help="Output directory: checkpoints/, final/, train_log.jsonl.")
+@click.option("--loss", default="rkl", show_default=True, help="Base divergence: fkl, rkl, jsd, sfkl, srkl, tvd, akl.")
+@click.option("--adakd/--no-adakd", default=True, show_default=True, help="AdaKD (LATF + IDTS) on top of the base divergence.")
+@click.option("--no-latf", is_flag=True, help="AdaKD without token focusing (ablation).")
+@click.option("--no-idts", is_flag=True, help="AdaKD without per-token temperatures (ablation).")
+@click.option("--kd-weight", type=float, default=1.0, show_default=True, help="a in (1 - a) * CE + a * KD; 0 is plain fine-tuning.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Base distillation temperature.")
+@click.option("--temperature-scale", type=float, default=0.5, show_default=True, help="IDTS scale c.")
+@click.option("--jsd-beta", type=float, default=0.1, show_default=True, help="JSD: the teacher's weight in the mixture.")
+@click.option("--skew", type=float, default=0.1, show_default=True, help="Skew KL weight.")
+@click.option("--akl-mu", type=float, default=0.5, show_default=True, help="AKL head mass.")
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-fraction", type=float, default=0.05, show_default=True, help="Of total steps; also LATF's warm-up.")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps [default: --epochs over the cache].")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per micro-batch and process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient norm clipping; 0 to disable.")
+@click.option("--chunk-positions", type=int, default=1024, show_default=True, help="Positions per loss chunk (memory: chunk x vocabulary floats).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: at the end only).")
+@click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) after N steps in this run; re-run to continue (time-limited jobs).")
+@click.option("--fsdp", is_flag=True, help="Shard the student with FSDP2 (fully_shard) under torchrun.")
+@click.option("--allow-incomplete-cache", is_flag=True, help="Train on a cache whose workers are not all done.")
+@click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard.")
+@click.option("--plot", is_flag=True, help="Draw loss, LATF ratio and temperature histogram to OUT/train_plot.png.")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
+    """Stage two: train a student on a cache with sparse-target KD and AdaKD (resumes from OUT/checkpoints)."""
+    from trainer.adakd import AdaKDConfig
+    from trainer.kd_loss import LossConfig
+    from trainer.train import TrainConfig, TrainError, train
+
+    if config_file:
+        import yaml
+
+        loaded = yaml.safe_load(open(config_file)) or {}
+        if not isinstance(loaded, dict):
+            raise click.ClickException(f"{config_file}: expected a mapping of option names to values")
+        for key, value in loaded.items():
+            name = key.replace("-", "_")
+            if name not in o:
+                raise click.ClickException(f"{config_file}: unknown option {key!r}")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                o[name] = value
+    for req in ("cache", "student", "out"):
+        if not o[req]:
+            raise click.ClickException(f"--{req} is required (on the command line or in --config)")
+    try:
+        loss = LossConfig(
+            loss=o["loss"], kd_weight=o["kd_weight"], temperature=o["temperature"], jsd_beta=o["jsd_beta"], skew=o["skew"],
+            akl_mu=o["akl_mu"], chunk_positions=o["chunk_positions"],
+            adakd=AdaKDConfig(latf=o["adakd"] and not o["no_latf"], idts=o["adakd"] and not o["no_idts"],
+                              temperature_scale=o["temperature_scale"]),
+        )
+        cfg = TrainConfig(
+            cache=o["cache"], student=o["student"], out=o["out"], loss=loss, lr=o["lr"], weight_decay=o["weight_decay"],
+            warmup_fraction=o["warmup_fraction"], max_steps=o["max_steps"], epochs=o["epochs"],
+            batch_tokens=o["batch_tokens"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
+            save_every=o["save_every"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
+            tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
+            progress=not o["no_progress"],
+        )
+        result = train(cfg)
+    except (ValueError, TrainError) as e:
+        raise click.ClickException(str(e)) from e
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = result["last"]
+        where = f"student in {result['final']}" if result["final"] else "stopped early: re-run to continue"
+        click.echo(f"trained {result['steps']}/{result['total']} steps; last loss {last.get('loss', float('nan')):.4f}; "
+                   f"{where}; log in {result['log']}")
+
+
+@main.command("eval")
+@click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory) to evaluate.")
+@click.option("--cache", help="Held-out cache: NLL, KL(teacher || student) on the cached support, top-1 agreement.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True)
+@click.option("--max-positions", type=int, default=None)
+def eval_cmd(model_dir: str, cache: str | None, batch_tokens: int, max_positions: int | None) -> None:
+    """Evaluate a student against a held-out teacher cache."""
+    import json
+
+    from trainer.evaluate import evaluate_cache
+    from trainer.student import StudentError
+
+    if not cache:
+        raise click.ClickException("--cache is required")
+    try:
+        r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions)
+    except (StudentError, storage.CacheError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"positions {r['positions']:,}  NLL {r['nll']:.4f}  KL(teacher||student) {r['kl']:.4f}  "
+               f"top-1 agreement {r['top1_agreement']:.2%}")
+    click.echo(json.dumps(r))
 
 
 @main.command()

@@ -224,6 +224,8 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
         summary.bytes = sum(s.bytes for s in writer.manifest.shards)
         return summary
     start = int(progress.get("next_index", 0))
+    if cfg.worker_index == 0 and not progress:
+        _save_tokenizer(tok, writer)
     try:
         todo = validate_records(cfg.data, ds, cfg.worker_index, cfg.num_workers, start)
     except BaseException:
@@ -247,6 +249,17 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
             engine.close()
     summary.bytes = sum(s.bytes for s in writer.manifest.shards)
     return summary
+
+
+def _save_tokenizer(tok, writer: CacheWriter) -> None:
+    """Keep the teacher's tokenizer with the cache, so trainers can check a student's ids against it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        for name in sorted(os.listdir(d)):
+            with open(os.path.join(d, name), "rb") as f:
+                writer.put_file(f"tokenizer/{name}", f.read())
 
 
 _END = object()

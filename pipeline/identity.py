@@ -1,11 +1,12 @@
-"""Fingerprints that tie a cache to its teacher, tokenizer and engine."""
+"""Fingerprints that tie a cache to its teacher and engine (the tokenizer's is in `storage`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from importlib.metadata import PackageNotFoundError, version
+
+from storage.fingerprint import tokenizer_fingerprint  # noqa: F401  (re-exported for stage one)
 
 WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 EDGE = 1 << 20
@@ -29,16 +30,6 @@ def teacher_fingerprint(path: str) -> str | None:
                     f.seek(size - EDGE)
                     h.update(f.read(EDGE))
     return "sha256:" + h.hexdigest()
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """The full token -> id map, the special tokens and the chat template: what decides the ids."""
-    body = {
-        "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
-        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-        "chat_template": getattr(tok, "chat_template", None),
-    }
-    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def package_version(name: str) -> str:

@@ -97,7 +97,7 @@ def summarize(uri: str | os.PathLike, max_positions: int | None = None) -> Summa
 
     reader = CacheReader(uri)
     masses, top1, hits, n = [], [], 0, 0
-    for _, block in reader.blocks(prefetch=2):
+    for block in _all_blocks(reader):
         lp = block.topk_logprobs.astype(np.float64)
         masses.append(np.exp(lp).sum(1))
         top1.append(np.exp(lp[:, 0]))
@@ -111,6 +111,11 @@ def summarize(uri: str | os.PathLike, max_positions: int | None = None) -> Summa
         manifest=reader.manifest, totals=reader.manifest.totals(), topk_mass=cat(masses), top1_prob=cat(top1),
         target_in_topk=hits / n if n else float("nan"),
     )
+
+
+def _all_blocks(reader):
+    for entry in reader.shards:
+        yield from load_shard(reader.dir, entry, reader.info).blocks()
 
 
 def format_summary(s: Summary) -> str:

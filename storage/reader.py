@@ -26,9 +26,16 @@ from .shard import DecodedBlock, ShardFile
 
 @dataclass(frozen=True)
 class BlockRef:
+    """A unit of order and partitioning: rows [lo, hi) of one block of one shard."""
+
     shard: int  # index into the manifest's shard list
     block: int
-    rows: int
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,20 @@ class CacheReader:
     def info(self) -> CacheInfo:
         return self.manifest.info
 
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The teacher tokenizer's files saved with the cache ({} for caches made without them)."""
+        return {name: self.dir.read_bytes(f"tokenizer/{name}") for name in self.dir.listdir("tokenizer")
+                if not name.startswith(".")}
+
     def units(self, rank: int = 0, world: int = 1, seed: int | None = None) -> list[BlockRef]:
         """This rank's blocks, in order; ranks' lists are disjoint and together cover the cache."""
         if world < 1 or not 0 <= rank < world:
             raise CacheError(f"rank {rank} is outside a world of {world}")
-        refs = [BlockRef(i, b, rows) for i, s in enumerate(self.shards) for b, rows in enumerate(s.blocks)]
+        blocks = [(i, b, rows) for i, s in enumerate(self.shards) for b, rows in enumerate(s.blocks)]
+        # small caches: cut blocks into row ranges so every rank gets about 4 units or more
+        parts = max(1, -(-4 * world // len(blocks))) if blocks else 1
+        refs = [BlockRef(i, b, rows * j // parts, rows * (j + 1) // parts)
+                for i, b, rows in blocks for j in range(parts) if rows * (j + 1) // parts > rows * j // parts]
         if seed is not None:
             refs = [refs[j] for j in np.random.default_rng(seed).permutation(len(refs))]
         lo, hi = rank * len(refs) // world, (rank + 1) * len(refs) // world
@@ -94,20 +110,23 @@ class CacheReader:
 
     def blocks(
         self, rank: int = 0, world: int = 1, seed: int | None = None, start: int = 0, prefetch: int = 2
-    ) -> Iterator[tuple[int, DecodedBlock]]:
-        """(unit index, decoded block) for this rank from unit `start`, decoded ahead in a thread."""
+    ) -> Iterator[tuple[int, tuple[BlockRef, DecodedBlock]]]:
+        """(unit index, (unit, its decoded block)) for this rank from unit `start`, decoded ahead in a thread."""
         units = self.units(rank, world, seed)[start:]
         if prefetch <= 0:
             yield from zip(range(start, start + len(units)), self._decode_all(units))
             return
         yield from zip(range(start, start + len(units)), _prefetched(self._decode_all(units), prefetch))
 
-    def _decode_all(self, units: list[BlockRef]) -> Iterator[DecodedBlock]:
+    def _decode_all(self, units: list[BlockRef]) -> Iterator[tuple[BlockRef, DecodedBlock]]:
         current: tuple[int, ShardFile] | None = None
+        decoded: tuple[tuple[int, int], DecodedBlock] | None = None
         for ref in units:
             if current is None or current[0] != ref.shard:
                 current = (ref.shard, load_shard(self.dir, self.shards[ref.shard], self.info, self.verify_checksums))
-            yield current[1].decode(ref.block)
+            if decoded is None or decoded[0] != (ref.shard, ref.block):
+                decoded = ((ref.shard, ref.block), current[1].decode(ref.block))
+            yield ref, decoded[1]
 
     def stream(
         self, rank: int = 0, world: int = 1, seed: int | None = None, cursor: Cursor | None = None, prefetch: int = 2
@@ -134,14 +153,14 @@ class SequenceStream:
     def __iter__(self) -> Iterator[SequenceTargets]:
         c = self.cursor
         n_units = len(self.reader.units(c.rank, c.world, c.seed))
-        for unit, block in self.reader.blocks(c.rank, c.world, c.seed, start=c.unit, prefetch=self._prefetch):
+        for unit, (ref, block) in self.reader.blocks(c.rank, c.world, c.seed, start=c.unit, prefetch=self._prefetch):
             first = c.row if unit == c.unit else 0
-            if first > block.rows:
-                raise CacheError(f"cursor row {first} is past the end of block {unit} ({block.rows} rows)")
-            for i in range(first, block.rows):
-                last = i + 1 == block.rows
+            if first > ref.rows:
+                raise CacheError(f"cursor row {first} is past the end of unit {unit} ({ref.rows} rows)")
+            for i in range(first, ref.rows):
+                last = i + 1 == ref.rows
                 self.cursor = Cursor(unit + 1 if last else unit, 0 if last else i + 1, c.rank, c.world, c.seed, c.cache)
-                yield block.sequence(i)
+                yield block.sequence(ref.lo + i)
         self.cursor = Cursor(n_units, 0, c.rank, c.world, c.seed, c.cache)
 
 

@@ -21,6 +21,7 @@ from .sequence import SequenceTargets
 from .shard import Encoding, encode_shard
 
 SHARD_DIR = "shards"
+AUX_DIRS = ("tokenizer",)
 DEFAULT_SHARD_POSITIONS = 65536
 DEFAULT_BLOCK_POSITIONS = 16384
 
@@ -143,6 +144,13 @@ class CacheWriter:
     def flush_if_full(self) -> None:
         if self._buffered_positions >= self.shard_positions:
             self.flush()
+
+    def put_file(self, rel: str, data: bytes) -> None:
+        """Store an auxiliary file (e.g. `tokenizer/tokenizer.json`) atomically; not listed as a shard."""
+        if rel.split("/")[0] not in AUX_DIRS:
+            raise CacheError(f"auxiliary files go under {AUX_DIRS}, not {rel!r}")
+        self.dir.makedirs(rel.rsplit("/", 1)[0])
+        self.dir.write_atomic(rel, data)
 
     def note_progress(self, progress: dict[str, Any]) -> None:
         """Record the caller's state without a sequence (e.g. after skipping a record)."""

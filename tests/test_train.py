@@ -1,0 +1,224 @@
+"""`train-student` end to end from a cache written by `cache-teacher`: training, resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import build_teacher, instruction_rows, write_jsonl
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    teacher = build_teacher(root / "teacher")
+    data = write_jsonl(root / "d.jsonl", instruction_rows(48, seed=3))
+    cache = root / "cache"
+    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
+                                      "--top-k", "16", "--engine", "hf", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    student = root / "student.json"
+    student.write_text(json.dumps(cfg))
+    return teacher, cache, student
+
+
+def train(setup, out, *extra, ok=True):
+    _, cache, student = setup
+    r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(cache), "--student", str(student), "--out", str(out),
+                                      "--batch-tokens", "1024", "--no-progress", *extra], catch_exceptions=False)
+    if ok:
+        assert r.exit_code == 0, r.output
+    return r
+
+
+def log(out) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    return list({r["step"]: r for r in rows}.values())  # a resumed run may log a step twice: keep the last
+
+
+def test_trains_end_to_end_and_saves_a_loadable_student(setup, tmp_path):
+    out = tmp_path / "run"
+    r = train(setup, out, "--max-steps", "12", "--plot", "--loss", "rkl", "--lr", "3e-3")
+    assert "trained 12/12 steps" in r.output
+    rows = log(out)
+    assert [x["step"] for x in rows] == list(range(1, 13))
+    for key in ("loss", "kd", "ce", "latf_ratio", "temp_mean", "temp_min", "temp_max", "selected", "tokens_per_s", "lr"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    assert all(x["temp_min"] < 1.0 < x["temp_max"] for x in rows)  # IDTS spreads temperatures around T = 1
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.hidden_size == 32 and len(tok) == model.config.vocab_size
+    assert (out / "train_plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((out / "final").glob("*.bin")) and list((out / "final").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("loss", ["fkl", "jsd", "sfkl", "srkl", "tvd", "akl"])
+def test_every_loss_trains(setup, tmp_path, loss):
+    train(setup, tmp_path / loss, "--max-steps", "3", "--loss", loss, "--kd-weight", "0.5")
+    rows = log(tmp_path / loss)
+    assert len(rows) == 3 and all(r["ce"] > 0 and r["kd"] >= 0 for r in rows)
+
+
+def test_ablation_switches(setup, tmp_path):
+    train(setup, tmp_path / "nolatf", "--max-steps", "2", "--no-latf")
+    train(setup, tmp_path / "noidts", "--max-steps", "2", "--no-idts")
+    train(setup, tmp_path / "plain", "--max-steps", "2", "--no-adakd")
+    assert all(r["temp_min"] == r["temp_max"] == 1.0 for r in log(tmp_path / "noidts"))
+    assert all(r["temp_min"] == r["temp_max"] == 1.0 for r in log(tmp_path / "plain"))
+    assert all(r["temp_min"] < r["temp_max"] for r in log(tmp_path / "nolatf"))
+
+
+def test_yaml_config_with_command_line_override(setup, tmp_path):
+    _, cache, student = setup
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"cache: {cache}\nstudent: {student}\nout: {tmp_path / 'y'}\nmax-steps: 2\nloss: fkl\nbatch_tokens: 1024\n")
+    r = CliRunner().invoke(cli.main, ["train-student", "--config", str(cfg), "--max-steps", "3", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert len(log(tmp_path / "y")) == 3
+    state = json.loads((tmp_path / "y" / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["config"]["loss"]["loss"] == "fkl"
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    args = ("--max-steps", "10", "--lr", "3e-3", "--seed", "5", "--epochs", "3")
+    train(setup, tmp_path / "full", *args)
+    train(setup, tmp_path / "split", *args, "--stop-after", "4")
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["latf"]["ratio"] > 0 and state["cursors"][0]["unit"] >= 0
+    r = train(setup, tmp_path / "split", *args)
+    assert "trained 10/10 steps" in r.output
+    full, split = log(tmp_path / "full"), log(tmp_path / "split")
+    assert [x["loss"] for x in split] == [x["loss"] for x in full]  # bit-identical on CPU
+    assert [x["latf_ratio"] for x in split] == [x["latf_ratio"] for x in full]
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    import trainer.checkpoint as ck
+
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def failing(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ck, "save_file", failing)
+    r = train(setup, tmp_path / "r", "--max-steps", "6", "--save-every", "2", ok=False)
+    assert r.exit_code == 1 and "step 4" in r.output and "No space left" in r.output and "step-000002" in r.output
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step-000002"
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_nan_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
+    import trainer.train as tt
+
+    real = tt.kd_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(tt, "kd_loss", poisoned)
+    r = train(setup, tmp_path / "n", "--max-steps", "3", ok=False)
+    assert r.exit_code == 1 and "step 0" in r.output and "not finite" in r.output
+
+
+def test_bad_inputs(setup, tmp_path):
+    teacher, cache, student = setup
+    r = train(setup, tmp_path / "a", "--loss", "kl3", ok=False)
+    assert r.exit_code == 1 and "unknown loss 'kl3'" in r.output
+    r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(tmp_path / "none"), "--student", str(student),
+                                      "--out", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "no such cache directory" in r.output
+    r = CliRunner().invoke(cli.main, ["train-student", "--student", str(student), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "--cache is required" in r.output
+
+
+def test_incomplete_cache_is_refused(setup, tmp_path):
+    teacher, _, student = setup
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(10))
+    cache = tmp_path / "half"
+    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
+                                      "--top-k", "16", "--engine", "hf", "--no-progress", "--num-workers", "2"])
+    assert r.exit_code == 0
+    r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(cache), "--student", str(student), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "incomplete (1/2 workers done)" in r.output
+
+
+def test_incompatible_student_vocabulary_is_refused(setup, tmp_path):
+    from tiny import build_tokenizer
+    from transformers import AutoTokenizer
+
+    teacher, cache, student = setup
+    other = tmp_path / "otherstudent"
+    tok = AutoTokenizer.from_pretrained(teacher)
+    vocab = tok.get_vocab()
+    build_tokenizer(other)  # the same training corpus: same ids; then swap two tokens
+    data = json.loads((other / "tokenizer.json").read_text())
+    v = data["model"]["vocab"]
+    a, b = sorted(v, key=v.get)[300:302]
+    v[a], v[b] = v[b], v[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    cfg = json.loads(student.read_text())
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(cache), "--student", str(other), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "2 tokens to other ids" in r.output and repr(a) in r.output
+    assert len(vocab) == len(tok)
+    small = dict(cfg, vocab_size=100)
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(cache), "--student", str(tmp_path / "small.json"),
+                                      "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 1 and "has 100 outputs" in r.output
+
+
+def test_eval_reports_nll_kl_and_agreement(setup, tmp_path):
+    _, cache, _ = setup
+    out = tmp_path / "e"
+    train(setup, out, "--max-steps", "4")
+    r = CliRunner().invoke(cli.main, ["eval", "--model", str(out / "final"), "--cache", str(cache)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["positions"] > 0 and res["nll"] > 0 and res["kl"] >= 0 and 0 <= res["top1_agreement"] <= 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_gloo(setup, tmp_path):
+    _, cache, student = setup
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                        "-m", "cli", "train-student", "--cache", str(cache), "--student", str(student), "--out", str(out),
+                        "--max-steps", "4", "--batch-tokens", "1024", "--no-progress", "--save-every", "2"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = log(out)
+    assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["world"] == 2 and len(state["cursors"]) == 2 and state["cursors"][0]["rank"] == 0 and state["cursors"][1]["rank"] == 1
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")

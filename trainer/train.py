@@ -1,0 +1,381 @@
+"""`train-student` as a plain recipe: cache -> batches -> student hidden states -> chunked KD loss -> AdamW.
+
+Single process, `torchrun` data parallelism (DDP; NCCL on GPU, gloo on CPU) or FSDP2 (`fully_shard`).
+bfloat16 autocast on GPU, float32 on CPU. Resuming from a checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from storage import CacheError, CacheReader, Cursor
+
+from .adakd import AdaKDConfig, LATFState, latf_update
+from .batches import Batch, batches
+from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
+from .kd_loss import LossConfig, kd_loss
+from .student import StudentError, cache_tokenizer, check_vocabulary, load_student, student_tokenizer
+
+
+class TrainError(Exception):
+    """A user-fixable problem, or a run that must stop (NaN loss); the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    cache: str
+    student: str
+    out: str
+    loss: LossConfig = field(default_factory=LossConfig)
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1
+    max_steps: int | None = None
+    epochs: int = 1
+    batch_tokens: int = 8192
+    grad_accum: int = 1
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # optimizer steps; 0: only at the end
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run: time-sliced jobs
+    log_every: int = 1
+    fsdp: bool = False
+    allow_incomplete_cache: bool = False
+    tensorboard: bool = False
+    plot: bool = False
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dist() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _allreduce_mean(x: float, world: int, device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _all_have(ok: bool, world: int, device) -> bool:
+    if world == 1:
+        return ok
+    t = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class StudentLoss(torch.nn.Module):
+    """Wraps the student so DDP/FSDP see one forward: hidden states at trained positions -> loss."""
+
+    def __init__(self, model: torch.nn.Module, cfg: LossConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, input_ids, attention_mask, rows, cols, targets, latf_ratio: float):
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = kd_loss(hidden[rows, cols], self.model.get_output_embeddings().weight, targets, self.cfg,
+                      LATFState(ratio=latf_ratio))
+        return out.loss, out
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_fraction * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int) -> int:
+    """Optimizer steps per epoch for the smallest rank (every rank stops together)."""
+    n = sum(1 for _ in batches(reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0), cfg.batch_tokens, vocab))
+    return n
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    rank, world, local = _dist()
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    try:
+        reader = CacheReader(cfg.cache)
+    except CacheError as e:
+        raise TrainError(str(e)) from e
+    if not reader.manifest.complete and not cfg.allow_incomplete_cache:
+        done = sum(w.complete for w in reader.manifest.workers.values())
+        raise TrainError(f"{cfg.cache}: the cache is incomplete ({done}/{reader.info.num_workers} workers done); "
+                         "finish cache-teacher, or pass --allow-incomplete-cache to train on what is there")
+    try:
+        model = load_student(cfg.student, cfg.trust_remote_code, seed=cfg.seed)
+        teacher_tok = cache_tokenizer(reader)
+        tok = student_tokenizer(cfg.student, teacher_tok)
+        check_vocabulary(model, tok, teacher_tok, reader)
+    except StudentError as e:
+        raise TrainError(str(e)) from e
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model.to(device).train()
+    net = StudentLoss(model, cfg.loss)
+    if world > 1:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in getattr(getattr(model, model.base_model_prefix), "layers", []):
+                fully_shard(layer)
+            fully_shard(net)
+        else:
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas)
+    per_epoch = _all_min(_count_batches(reader, rank, world, cfg, vocab), world, device) // cfg.grad_accum
+    if per_epoch == 0:
+        raise TrainError(f"{cfg.cache}: not enough data for one optimizer step on each of {world} rank(s)")
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    latf = LATFState()
+    step, epoch, cursor = 0, 0, None
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        model.load_state_dict(_load_model_weights(ckpt / "model"))
+        st = load_training_state(ckpt, opt)
+        if st.get("world") != world:
+            raise TrainError(f"{ckpt}: saved with {st.get('world')} process(es), resumed with {world}; use the same world size")
+        step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
+        cursor = Cursor.from_json(st["cursors"][rank]) if st["cursors"][rank] else None
+    log = _Log(out, rank, cfg, total, step)
+    warm_steps = max(1, int(cfg.warmup_fraction * total))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    t_last, tokens_since = time.perf_counter(), 0
+    stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
+    try:
+        while step < stop_at:
+            seed = cfg.seed + epoch
+            stream = reader.stream(rank=rank, world=world, seed=seed, cursor=cursor if cursor and cursor.seed == seed else None)
+            it = batches(stream, cfg.batch_tokens, vocab)
+            while step < stop_at:
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    b = next(it, None)
+                    if b is None:
+                        break
+                    micro.append(b)
+                if not _all_have(len(micro) == cfg.grad_accum, world, device):
+                    break
+                lr = lr_at(step, total, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                kd_vals, ce_vals, temps, sel, valid = [], [], [], 0, 0
+                for b in micro:
+                    b = b.to(device)
+                    with autocast:
+                        loss, o = net(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets, latf.ratio)
+                    if not torch.isfinite(loss):
+                        raise TrainError(f"step {step}: the loss is {loss.item()} (not finite); lower --lr or check "
+                                         "the cache with `adakd verify`; the last checkpoint is intact")
+                    (loss / cfg.grad_accum).backward()
+                    kd_vals.append(o.kd)
+                    ce_vals.append(o.ce)
+                    temps.append(o.temperatures.cpu())
+                    sel += o.selected
+                    valid += o.valid
+                    tokens_since += b.tokens
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                kd = _allreduce_mean(float(np.mean(kd_vals)), world, device)
+                if cfg.loss.kd_weight > 0 and cfg.loss.adakd.latf:
+                    latf_update(latf, kd, past_warmup=step + 1 >= warm_steps, cfg=cfg.loss.adakd)
+                step += 1
+                cursor = micro[-1].cursor
+                now = time.perf_counter()
+                t = torch.cat(temps) if temps else torch.zeros(0)
+                a = cfg.loss.kd_weight
+                record = {
+                    "step": step, "epoch": epoch, "loss": (1 - a) * float(np.mean(ce_vals)) + a * kd, "kd": kd,
+                    "ce": _allreduce_mean(float(np.mean(ce_vals)), world, device), "lr": lr, "grad_norm": float(gnorm),
+                    "latf_ratio": latf.ratio, "selected": sel, "valid": valid,
+                    "temp_mean": float(t.mean()) if len(t) else None, "temp_min": float(t.min()) if len(t) else None,
+                    "temp_max": float(t.max()) if len(t) else None,
+                    "tokens_per_s": tokens_since / max(now - t_last, 1e-9) * world,
+                }
+                t_last, tokens_since = now, 0
+                log.step(record, t)
+                if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
+                    _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
+            else:
+                continue
+            if step < stop_at:
+                epoch += 1
+                cursor = None
+        _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
+        if rank == 0 and step >= total:
+            from .student import save_student
+
+            save_student(model, tok, str(out / "final"))
+    finally:
+        log.close()
+    done = step >= total
+    return {"steps": step, "total": total, "final": str(out / "final") if done else None,
+            "log": str(out / "train_log.jsonl"), "last": log.last}
+
+
+def _all_min(n: int, world: int, device) -> int:
+    if world == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _gather_cursors(cursor: Cursor | None, world: int, device) -> list[dict | None]:
+    """Every rank's cursor, as JSON via a byte tensor (no pickle)."""
+    data = json.dumps(cursor.to_json() if cursor else None).encode()
+    if world == 1:
+        return [json.loads(data)]
+    size = torch.tensor([len(data)], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    cap = int(max(s.item() for s in sizes))
+    buf = torch.zeros(cap, dtype=torch.uint8, device=device)
+    buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    bufs = [torch.zeros_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf)
+    return [json.loads(bytes(b[: int(s.item())].tolist())) for b, s in zip(bufs, sizes)]
+
+
+def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device) -> None:
+    cursors = _gather_cursors(cursor, world, device)
+    if rank == 0:
+        state = {"epoch": epoch, "latf": latf.to_json(), "world": world, "config": cfg.to_json()}
+        try:
+            save_checkpoint(out, step, model, tok, opt, state, cursors)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from e
+    if world > 1:
+        dist.barrier()
+
+
+def _load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class _Log:
+    """JSONL per step (rank 0), a progress bar, optional TensorBoard, and data for --plot."""
+
+    def __init__(self, out: Path, rank: int, cfg: TrainConfig, total: int, start: int):
+        self.rank, self.cfg, self.out = rank, cfg, out
+        self.last: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.temp_hist = np.zeros(60)
+        self.file = self.bar = self.tb = None
+        if rank != 0:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "train_log.jsonl", "a")
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", desc="train-student", dynamic_ncols=True)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def step(self, rec: dict[str, Any], temps: torch.Tensor) -> None:
+        self.last = rec
+        if self.rank != 0:
+            return
+        self.history.append(rec)
+        if len(temps):
+            T = self.cfg.loss.temperature
+            self.temp_hist += np.histogram(temps.numpy(), bins=60, range=(T * 0.5, T * 2.0))[0]
+        if rec["step"] % self.cfg.log_every == 0:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {rec['loss']:.4f}, latf {rec['latf_ratio']:.2f}, {rec['tokens_per_s']:,.0f} tok/s",
+                                     refresh=False)
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.cfg.plot and self.history:
+            plot_training(self.history, self.temp_hist, self.cfg.loss.temperature, str(self.out / "train_plot.png"))
+
+
+def plot_training(history: list[dict[str, Any]], temp_hist: np.ndarray, base_t: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(steps, [r["loss"] for r in history], label="loss")
+    ax[0].plot(steps, [r["kd"] for r in history], label="KD part", alpha=0.7)
+    ax[0].set(title="training loss", xlabel="step")
+    ax[0].legend()
+    ax[1].plot(steps, [r["latf_ratio"] for r in history], color="#aa3366")
+    ax[1].set(title="LATF selection ratio", xlabel="step", ylim=(0, 1.05))
+    edges = np.linspace(base_t * 0.5, base_t * 2.0, len(temp_hist) + 1)
+    ax[2].bar(edges[:-1], temp_hist, width=np.diff(edges), align="edge", color="#3366aa")
+    ax[2].set(title="per-token temperatures (IDTS)", xlabel="T")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["AdaKDConfig", "Batch", "LossConfig", "TrainConfig", "TrainError", "train"]
