@@ -76,7 +76,8 @@ def cache_teacher_cmd(**o) -> None:
 def _finish(code: int) -> None:
     """Exit; after vLLM ran, skip interpreter teardown, where vLLM's CPU build can abort
     ("terminate called without an active exception"). Everything written is already fsynced."""
-    if "vllm" in sys.modules:
+    engine = sys.modules.get("pipeline.engine_vllm")
+    if engine is not None and engine.STARTED["engine"]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

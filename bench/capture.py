@@ -256,6 +256,6 @@ if __name__ == "__main__":
     main()
     import sys
 
-    if "vllm" in sys.modules:  # vLLM's CPU build can abort in interpreter teardown; the figures are out
+    if "vllm" in sys.modules:  # vLLM's CPU build can abort in interpreter teardown; the figures are out (not a library)
         sys.stdout.flush()
         os._exit(0)

