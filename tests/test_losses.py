@@ -117,14 +117,38 @@ def dense_adakd(hidden, weight, teacher, name, ratio, T_base, c, latf=True, idts
 
 @pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "akl"])
 @pytest.mark.parametrize("latf,idts", [(True, True), (True, False), (False, True)])
-def test_adakd_matches_dense_reference(data, name, latf, idts):
+@pytest.mark.parametrize("chunk", [4, 1000])  # several chunks (recomputed logits) / one chunk (logits reused)
+def test_adakd_matches_dense_reference(data, name, latf, idts, chunk):
     hidden, weight, teacher, labels = data
-    cfg = LossConfig(loss=name, temperature=1.3, adakd=AdaKDConfig(latf=latf, idts=idts, temperature_scale=0.5), chunk_positions=4)
+    cfg = LossConfig(loss=name, temperature=1.3, adakd=AdaKDConfig(latf=latf, idts=idts, temperature_scale=0.5),
+                     chunk_positions=chunk)
     out = kd_loss(hidden, weight, full_targets(teacher, labels), cfg, LATFState(ratio=0.55))
     ref, sel, T = dense_adakd(hidden, weight, teacher, name, 0.55, 1.3, 0.5, latf, idts)
     torch.testing.assert_close(out.loss, ref)
     assert out.selected == len(sel) and out.valid == len(hidden)
     torch.testing.assert_close(out.temperatures.double(), T.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+@pytest.mark.parametrize("a", [1.0, 0.6])
+def test_adakd_gradients_equal_dense_autograd(data, chunk, a):
+    """Difficulty, selection and temperatures are constants; the rest is differentiated."""
+    hidden, weight, teacher, labels = data
+    cfg = LossConfig(loss="rkl", kd_weight=a, temperature=1.2, adakd=AdaKDConfig(), chunk_positions=chunk)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = kd_loss(h1, w1, full_targets(teacher, labels), cfg, LATFState(ratio=0.6))
+    out.loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.no_grad():
+        _, sel, T = dense_adakd(hidden, weight, teacher, "rkl", 0.6, 1.2, 0.5)
+    z = h2 @ w2.t()
+    Tc = T.unsqueeze(-1)
+    d = dense_div("rkl", (teacher[sel] / Tc).log_softmax(-1), (z[sel] / Tc).log_softmax(-1))
+    loss = a * (T ** 2 * d).mean() + (1 - a) * torch.nn.functional.cross_entropy(z, labels)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
 
 
 @pytest.mark.parametrize("name", list(DIVERGENCES))

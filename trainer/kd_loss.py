@@ -1,9 +1,14 @@
 """The training loss from hidden states and the output projection, a chunk of positions at a time.
 
 Never more than one chunk of (positions x vocabulary) float32 logits lives at once: each chunk's logits
-are made, turned into the loss and its gradient (local autograd on the chunk), then projected back onto
-the hidden states and the output weight, and freed. With AdaKD a first pass (no gradient) computes the
-token difficulties; the second pass runs only over the selected positions when the loss is pure KD.
+are made, turned into the loss and its gradient in place, projected back onto the hidden states and the
+output weight, and freed. The gradient with respect to the logits is written analytically: the
+divergence only sees the k + 1 bucket log-probabilities, so autograd runs on (chunk, k + 1) tensors and
+the vocabulary-wide part is a closed form (softmax terms), a few passes over one buffer.
+
+With AdaKD a first pass (no gradient) computes the token difficulties. When the whole micro-batch fits
+in one chunk its logits are computed once and reused; otherwise the second pass recomputes them, for
+the selected positions only when the loss is pure KD.
 
 loss = (1 - a) * mean CE(true tokens) + a * mean over selected positions of T_i^2 * D(p^(T_i), q^(T_i))
 """
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adakd import AdaKDConfig, LATFState, idts_temperatures, select
-from .losses import divergence, hellinger, student_buckets, teacher_buckets
+from .losses import NEG_INF, divergence, hellinger, teacher_buckets
 
 
 @dataclass
@@ -27,7 +32,7 @@ class LossConfig:
     skew: float = 0.1
     akl_mu: float = 0.5
     adakd: AdaKDConfig = field(default_factory=AdaKDConfig)
-    chunk_positions: int = 1024
+    chunk_positions: int = 1024  # memory: chunk x vocabulary float32 (x2 while CE and KD mix)
 
     def __post_init__(self) -> None:
         divergence(self.loss)  # refuses unknown names early
@@ -69,27 +74,100 @@ def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return z if z.dtype == torch.float64 else z.float()
 
 
+def _student_stats(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor, ids: torch.Tensor):
+    """From e = exp(z/T - m) (modified in place: zeroed at `ids`): log-probs of the k + 1 buckets, and sums."""
+    s = e.sum(-1, keepdim=True)
+    e_ids = e.gather(-1, ids)
+    e.scatter_(-1, ids, 0.0)
+    r = e.sum(-1, keepdim=True)  # the mass outside the top-k, without cancellation
+    log_s = s.log()
+    head = zt_ids - m - log_s
+    tail = torch.where(r > 0, r.clamp_min(torch.finfo(r.dtype).tiny).log() - log_s, torch.full_like(r, NEG_INF))
+    return torch.cat([head, tail], -1), s, r, e_ids
+
+
+@torch.no_grad()
+def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 128) -> torch.Tensor:
+    """Hellinger on the buckets at T = 1. z is left unchanged (it may be reused for the loss); the
+    scratch buffer covers `rows` positions at a time, so reuse costs little memory."""
+    out = []
+    for r0 in range(0, z.shape[0], rows):
+        zz = z[r0:r0 + rows]
+        sub = slice(sl.start + r0, sl.start + r0 + zz.shape[0])
+        m = zz.max(-1, keepdim=True).values
+        e = (zz - m).exp_()
+        lq, *_ = _student_stats(e, zz.gather(-1, t.topk_ids[sub]), m, t.topk_ids[sub])
+        lp = teacher_buckets(t.topk_logprobs[sub], t.tail_logmass[sub], t.vocab_size)
+        out.append(hellinger(lp, lq))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def difficulties(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, chunk: int) -> torch.Tensor:
     """Hellinger distance between teacher and student on the coarse support, at temperature 1."""
     out = []
     for c in range(0, hidden.shape[0], chunk):
         sl = slice(c, c + chunk)
-        lq = student_buckets(_logits(hidden[sl], weight), t.topk_ids[sl])
-        lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size)
-        out.append(hellinger(lp, lq))
+        out.append(_difficulty_from_logits(_logits(hidden[sl], weight), t, sl))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor, w_kd: torch.Tensor,
+                         w_ce: torch.Tensor, cfg: LossConfig, use_kd: bool, use_ce: bool):
+    """Loss of one chunk and its gradient w.r.t. the logits z, computed in place in z's buffer.
+
+    Returns (grad (c, V), weighted loss sum, sum of T^2 * D over KD rows, sum of CE).
+    """
+    zero = z.new_zeros(())
+    total, kd_sum, ce_sum = zero, zero, zero
+    g_ce = None
+    if use_ce:  # CE at T = 1: grad = w * (softmax - onehot); in z's own buffer when there is no KD
+        labels = t.labels[sl].unsqueeze(-1)
+        m1 = z.max(-1, keepdim=True).values
+        z_label = z.gather(-1, labels)
+        g_ce = z.sub(m1).exp_() if use_kd else z.sub_(m1).exp_()
+        s1 = g_ce.sum(-1, keepdim=True)
+        ce = (m1 + s1.log() - z_label).squeeze(-1)
+        g_ce.mul_((w_ce.unsqueeze(-1) / s1))
+        g_ce.scatter_add_(-1, labels, -w_ce.unsqueeze(-1).to(g_ce.dtype))
+        total = total + (w_ce * ce).sum()
+        ce_sum = ce.sum()
+    if not use_kd:
+        return g_ce, total, kd_sum, ce_sum
+    ids = t.topk_ids[sl]
+    Tc = T.to(z.dtype).unsqueeze(-1)
+    zt = z.div_(Tc)
+    zt_ids = zt.gather(-1, ids)
+    m = zt.max(-1, keepdim=True).values
+    e = zt.sub_(m).exp_()
+    lq, s, r, e_ids = _student_stats(e, zt_ids, m, ids)
+    lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
+    with torch.enable_grad():
+        lq_leaf = lq.detach().requires_grad_(True)
+        d = divergence(cfg.loss)(lp, lq_leaf, **cfg.divergence_kwargs())
+        (G,) = torch.autograd.grad((w_kd.to(d.dtype) * d).sum(), lq_leaf)
+    d = d.detach()
+    G = torch.nan_to_num(G, nan=0.0)
+    G_head, G_tail = G[:, :-1], G[:, -1:]
+    S = G.sum(-1, keepdim=True)
+    # d lq_head[j]/d zt = onehot(ids_j) - q ; d lq_tail/d zt = q * [not in ids] / q_tail - q
+    alpha = torch.where(r > 0, G_tail / r.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(r)) - S / s
+    g = e.mul_(alpha / Tc)  # e is zero at the ids
+    g.scatter_(-1, ids, (G_head - S * e_ids / s) / Tc)
+    if g_ce is not None:
+        g.add_(g_ce)
+    total = total + (w_kd * d).sum()
+    kd_sum = ((w_kd > 0) * T.pow(2) * d).sum()
+    return g, total, kd_sum, ce_sum
 
 
 class _ChunkedLoss(torch.autograd.Function):
     """sum_i w_kd[i] * D_i(T_i) + w_ce[i] * CE_i, with gradients made chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, t: Targets, temps, w_kd, w_ce, cfg: LossConfig, sums: dict):
-        D = divergence(cfg.loss)
-        kwargs = cfg.divergence_kwargs()
-        grad_h = torch.zeros_like(hidden)
+    def forward(ctx, hidden, weight, t: Targets, temps, w_kd, w_ce, cfg: LossConfig, sums: dict, logits=None):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         kd_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -97,27 +175,19 @@ class _ChunkedLoss(torch.autograd.Function):
         use_ce = bool((w_ce != 0).any())
         use_kd = bool((w_kd != 0).any())
         w_compute = weight.to(hidden.dtype)
-        for c in range(0, hidden.shape[0], cfg.chunk_positions):
-            sl = slice(c, c + cfg.chunk_positions)
+        chunk = hidden.shape[0] if logits is not None else cfg.chunk_positions
+        for c in range(0, hidden.shape[0], chunk):
+            sl = slice(c, c + chunk)
             h = hidden[sl]
-            z = _logits(h, w_compute).requires_grad_(True)
-            with torch.enable_grad():
-                part = torch.zeros((), dtype=acc, device=hidden.device)
-                if use_kd:
-                    T = temps[sl]
-                    d = D(teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T),
-                          student_buckets(z, t.topk_ids[sl], T), **kwargs)
-                    part = part + (w_kd[sl] * d).sum()
-                    kd_sum += ((w_kd[sl] > 0) * T.pow(2) * d).detach().sum()
-                if use_ce:
-                    ce = torch.nn.functional.cross_entropy(z, t.labels[sl], reduction="none")
-                    part = part + (w_ce[sl] * ce).sum()
-                    ce_sum += ce.detach().sum()
-                (g,) = torch.autograd.grad(part, z)
-            total += part.detach()
+            z = logits if logits is not None else _logits(h, w_compute)
+            g, part, kd_c, ce_c = _chunk_loss_and_grad(z, t, sl, temps[sl], w_kd[sl], w_ce[sl], cfg, use_kd, use_ce)
+            total += part
+            kd_sum += kd_c
+            ce_sum += ce_c
             g = g.to(hidden.dtype)
             grad_h[sl] = g @ w_compute
-            grad_w += (g.t() @ h).to(acc)
+            grad_w.addmm_(g.t().to(acc), h.to(acc))
+            del g, z
         sums["kd"], sums["ce"] = float(kd_sum), float(ce_sum)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
@@ -125,7 +195,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None
 
 
 def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossConfig,
@@ -137,31 +207,42 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossCon
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0
         return LossOutput(zero, 0.0, 0.0, 0, 0, hidden.new_zeros(0, dtype=torch.float32))
     ada = cfg.adakd
-    idx = torch.arange(N, device=hidden.device)
-    temps_sel = torch.full((N,), cfg.temperature, dtype=torch.float32, device=hidden.device)
+    dev = hidden.device
+    idx = torch.arange(N, device=dev)
+    temps_sel = torch.full((N,), cfg.temperature, dtype=torch.float32, device=dev)
+    logits = None
     if a > 0 and ada.enabled:
-        s = difficulties(hidden.detach(), weight.detach(), t, cfg.chunk_positions)
+        if N <= cfg.chunk_positions:  # one chunk: make the logits once, for both passes
+            with torch.no_grad():
+                logits = _logits(hidden.detach(), weight.detach())
+                s = _difficulty_from_logits(logits, t, slice(0, N))
+        else:
+            s = difficulties(hidden.detach(), weight.detach(), t, cfg.chunk_positions)
         if ada.latf:
             idx = select(s, latf.ratio if latf is not None else 1.0)
         if ada.idts:
-            temps_sel = idts_temperatures(s[idx], cfg.temperature, ada.temperature_scale)
+            temps_sel = idts_temperatures(s[idx], cfg.temperature, ada.temperature_scale).float()
         else:
             temps_sel = temps_sel[: len(idx)]
     n = len(idx)
     if a < 1:  # CE needs every position: run them all, KD weight only on the selected ones
-        pos = torch.arange(N, device=hidden.device)
-        temps = torch.full((N,), cfg.temperature, dtype=torch.float32, device=hidden.device)
+        pos = torch.arange(N, device=dev)
+        temps = torch.full((N,), cfg.temperature, dtype=torch.float32, device=dev)
         temps[idx] = temps_sel
-        w_kd = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        w_kd[idx] = a * temps_sel.pow(2) / n if a > 0 else 0.0
-        w_ce = torch.full((N,), (1 - a) / N, dtype=torch.float32, device=hidden.device)
+        w_kd = torch.zeros(N, dtype=torch.float32, device=dev)
+        if a > 0:
+            w_kd[idx] = a * temps_sel.pow(2) / n
+        w_ce = torch.full((N,), (1 - a) / N, dtype=torch.float32, device=dev)
     else:
         pos, temps = idx, temps_sel
         w_kd = temps_sel.pow(2) / n
-        w_ce = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        w_ce = torch.zeros(n, dtype=torch.float32, device=dev)
     sums: dict = {}
-    h = hidden if len(pos) == N else hidden.index_select(0, pos)
-    tt = t if len(pos) == N else t.index(pos)
-    loss = _ChunkedLoss.apply(h, weight, tt, temps, w_kd, w_ce, cfg, sums)
+    whole = len(pos) == N
+    h = hidden if whole else hidden.index_select(0, pos)
+    tt = t if whole else t.index(pos)
+    if logits is not None and not whole:
+        logits = logits.index_select(0, pos)
+    loss = _ChunkedLoss.apply(h, weight, tt, temps, w_kd, w_ce, cfg, sums, logits)
     return LossOutput(loss, sums["kd"] / n if a > 0 else 0.0, sums["ce"] / N if a < 1 else 0.0, N, n if a > 0 else 0,
                       temps_sel.detach())
