@@ -222,3 +222,22 @@ def test_two_process_ddp_with_gloo(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_trains_checkpoints_and_resumes(setup, tmp_path):
+    _, cache, student = setup
+    out = tmp_path / "fsdp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli", "train-student",
+            "--cache", str(cache), "--student", str(student), "--out", str(out), "--max-steps", "4", "--save-every", "2",
+            "--batch-tokens", "1024", "--no-progress", "--fsdp"]
+    for port, extra in (("29531", ["--stop-after", "2"]), ("29532", [])):
+        r = subprocess.run(base[:3] + ["--master_port", port] + base[3:] + extra, env=env, capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in log(out)] == [1, 2, 3, 4]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.hidden_size == 32

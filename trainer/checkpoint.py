@@ -51,8 +51,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
+def optimizer_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer state dict -> flat tensors ("<param>.<name>") and JSON-able param groups."""
     tensors = {}
     for idx, st in sd["state"].items():
         for name, value in st.items():
@@ -60,26 +60,30 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, sd["param_groups"]
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The inverse of `optimizer_tensors` (params are indices, or names under FSDP)."""
+    state: dict[Any, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
+        idx, name = key.rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[name] = value
+    return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], cursors: list[dict]) -> Path:
+def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt_state: dict[str, Any],
+                    state: dict[str, Any], cursors: list[dict], model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write step-<step> completely, then point `latest` at it. Returns its path."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{uuid.uuid4().hex}-{name}"
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        if model_state is None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+        else:
+            model.save_pretrained(tmp / "model", state_dict=dict(model_state), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "model")
-        tensors, groups = optimizer_tensors(optimizer)
+        tensors, groups = optimizer_tensors(opt_state)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -112,14 +116,15 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "state.json").exists() else None
 
 
-def load_training_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json, the optimizer state dict); restores the RNG states."""
     try:
         state = json.loads((path / "state.json").read_text())
-        load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["param_groups"])
+        opt_state = optimizer_state(load_file(str(path / "optimizer.safetensors")), state["param_groups"])
         rng = load_file(str(path / "rng.safetensors"))
     except (OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e}); remove it or point --resume elsewhere") from e
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state
+    return state, opt_state

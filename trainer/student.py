@@ -89,9 +89,12 @@ def check_vocabulary(student: torch.nn.Module, student_tok, teacher_tok, reader:
         )
 
 
-def save_student(model: torch.nn.Module, tokenizer, out: str) -> None:
+def save_student(model: torch.nn.Module, tokenizer, out: str, state_dict: dict | None = None) -> None:
     """A Hugging Face directory with safetensors weights: loads with AutoModelForCausalLM and vLLM."""
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, state_dict=dict(state_dict), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

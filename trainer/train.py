@@ -163,8 +163,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     step, epoch, cursor = 0, 0, None
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        model.load_state_dict(_load_model_weights(ckpt / "model"))
-        st = load_training_state(ckpt, opt)
+        st, opt_state = load_training_state(ckpt)
+        _load_states(model, opt, _load_model_weights(ckpt / "model"), opt_state, cfg.fsdp and world > 1)
         if st.get("world") != world:
             raise TrainError(f"{ckpt}: saved with {st.get('world')} process(es), resumed with {world}; use the same world size")
         step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
@@ -234,11 +234,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if step < stop_at:
                 epoch += 1
                 cursor = None
-        _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
+        model_state = _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
         if rank == 0 and step >= total:
             from .student import save_student
 
-            save_student(model, tok, str(out / "final"))
+            save_student(model, tok, str(out / "final"), model_state)
     finally:
         log.close()
     done = step >= total
@@ -270,16 +270,40 @@ def _gather_cursors(cursor: Cursor | None, world: int, device) -> list[dict | No
     return [json.loads(bytes(b[: int(s.item())].tolist())) for b, s in zip(bufs, sizes)]
 
 
-def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device) -> None:
+def _full_states(model, opt, sharded: bool):
+    """Model and optimizer state dicts, gathered in full (a collective on every rank) under FSDP."""
+    if not sharded:
+        return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+
+
+def _load_states(model, opt, model_sd, opt_sd, sharded: bool) -> None:
+    if not sharded:
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, opt, opt_sd, options=opts)
+
+
+def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device):
     cursors = _gather_cursors(cursor, world, device)
+    model_state, opt_state = _full_states(model, opt, cfg.fsdp and world > 1)
     if rank == 0:
         state = {"epoch": epoch, "latf": latf.to_json(), "world": world, "config": cfg.to_json()}
         try:
-            save_checkpoint(out, step, model, tok, opt, state, cursors)
+            save_checkpoint(out, step, model, tok, opt_state, state, cursors, model_state)
         except CheckpointError as e:
             raise TrainError(str(e)) from e
     if world > 1:
         dist.barrier()
+    return model_state
 
 
 def _load_model_weights(path: Path) -> dict[str, torch.Tensor]:
