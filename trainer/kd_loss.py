@@ -87,14 +87,18 @@ def _student_stats(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor, ids: 
 
 
 @torch.no_grad()
-def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 128) -> torch.Tensor:
+def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 128,
+                            row_max: list | None = None) -> torch.Tensor:
     """Hellinger on the buckets at T = 1. z is left unchanged (it may be reused for the loss); the
-    scratch buffer covers `rows` positions at a time, so reuse costs little memory."""
+    scratch buffer covers `rows` positions at a time, so reuse costs little memory. The row maxima are
+    appended to `row_max` for the loss pass (max(z / T) = max(z) / T)."""
     out = []
     for r0 in range(0, z.shape[0], rows):
         zz = z[r0:r0 + rows]
         sub = slice(sl.start + r0, sl.start + r0 + zz.shape[0])
         m = zz.max(-1, keepdim=True).values
+        if row_max is not None:
+            row_max.append(m)
         e = (zz - m).exp_()
         lq, *_ = _student_stats(e, zz.gather(-1, t.topk_ids[sub]), m, t.topk_ids[sub])
         lp = teacher_buckets(t.topk_logprobs[sub], t.tail_logmass[sub], t.vocab_size)
@@ -113,7 +117,8 @@ def difficulties(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, chunk: 
 
 
 def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor, w_kd: torch.Tensor,
-                         w_ce: torch.Tensor, cfg: LossConfig, use_kd: bool, use_ce: bool):
+                         w_ce: torch.Tensor, cfg: LossConfig, use_kd: bool, use_ce: bool,
+                         row_max: torch.Tensor | None = None):
     """Loss of one chunk and its gradient w.r.t. the logits z, computed in place in z's buffer.
 
     Returns (grad (c, V), weighted loss sum, sum of T^2 * D over KD rows, sum of CE).
@@ -123,7 +128,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     g_ce = None
     if use_ce:  # CE at T = 1: grad = w * (softmax - onehot); in z's own buffer when there is no KD
         labels = t.labels[sl].unsqueeze(-1)
-        m1 = z.max(-1, keepdim=True).values
+        m1 = row_max if row_max is not None else z.max(-1, keepdim=True).values
         z_label = z.gather(-1, labels)
         g_ce = z.sub(m1).exp_() if use_kd else z.sub_(m1).exp_()
         s1 = g_ce.sum(-1, keepdim=True)
@@ -138,7 +143,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     Tc = T.to(z.dtype).unsqueeze(-1)
     zt = z.div_(Tc)
     zt_ids = zt.gather(-1, ids)
-    m = zt.max(-1, keepdim=True).values
+    m = row_max / Tc if row_max is not None else zt.max(-1, keepdim=True).values
     e = zt.sub_(m).exp_()
     lq, s, r, e_ids = _student_stats(e, zt_ids, m, ids)
     lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
@@ -165,7 +170,8 @@ class _ChunkedLoss(torch.autograd.Function):
     """sum_i w_kd[i] * D_i(T_i) + w_ce[i] * CE_i, with gradients made chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, t: Targets, temps, w_kd, w_ce, cfg: LossConfig, sums: dict, logits=None):
+    def forward(ctx, hidden, weight, t: Targets, temps, w_kd, w_ce, cfg: LossConfig, sums: dict, logits=None,
+                row_max=None):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
@@ -180,7 +186,8 @@ class _ChunkedLoss(torch.autograd.Function):
             sl = slice(c, c + chunk)
             h = hidden[sl]
             z = logits if logits is not None else _logits(h, w_compute)
-            g, part, kd_c, ce_c = _chunk_loss_and_grad(z, t, sl, temps[sl], w_kd[sl], w_ce[sl], cfg, use_kd, use_ce)
+            g, part, kd_c, ce_c = _chunk_loss_and_grad(z, t, sl, temps[sl], w_kd[sl], w_ce[sl], cfg, use_kd, use_ce,
+                                                       row_max if logits is not None else None)
             total += part
             kd_sum += kd_c
             ce_sum += ce_c
@@ -195,7 +202,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None, None
 
 
 def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossConfig,
@@ -210,12 +217,14 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossCon
     dev = hidden.device
     idx = torch.arange(N, device=dev)
     temps_sel = torch.full((N,), cfg.temperature, dtype=torch.float32, device=dev)
-    logits = None
+    logits = row_max = None
     if a > 0 and ada.enabled:
         if N <= cfg.chunk_positions:  # one chunk: make the logits once, for both passes
             with torch.no_grad():
                 logits = _logits(hidden.detach(), weight.detach())
-                s = _difficulty_from_logits(logits, t, slice(0, N))
+                maxima: list = []
+                s = _difficulty_from_logits(logits, t, slice(0, N), row_max=maxima)
+                row_max = torch.cat(maxima)
         else:
             s = difficulties(hidden.detach(), weight.detach(), t, cfg.chunk_positions)
         if ada.latf:
@@ -242,7 +251,7 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossCon
     h = hidden if whole else hidden.index_select(0, pos)
     tt = t if whole else t.index(pos)
     if logits is not None and not whole:
-        logits = logits.index_select(0, pos)
-    loss = _ChunkedLoss.apply(h, weight, tt, temps, w_kd, w_ce, cfg, sums, logits)
+        logits, row_max = logits.index_select(0, pos), row_max.index_select(0, pos)
+    loss = _ChunkedLoss.apply(h, weight, tt, temps, w_kd, w_ce, cfg, sums, logits, row_max)
     return LossOutput(loss, sums["kd"] / n if a > 0 else 0.0, sums["ce"] / N if a < 1 else 0.0, N, n if a > 0 else 0,
                       temps_sel.detach())
