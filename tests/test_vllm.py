@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +84,27 @@ def test_cli_vllm_cache_agrees_with_hf_cache(setup, tmp_path):
     for a, b in zip(caches["vllm"], caches["hf"]):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+
+
+def test_vllm_loads_a_trained_student(setup, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    teacher, data = setup
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
+                                      "--top-k", "8", "--engine", "hf", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    student = tmp_path / "student.json"
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    student.write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(cache), "--student", str(student), "--out",
+                                      str(tmp_path / "run"), "--max-steps", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_load.py")), str(tmp_path / "run" / "final")],
+                       env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == {"rows": 6, "finite": True}
