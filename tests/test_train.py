@@ -241,3 +241,13 @@ def test_two_process_fsdp2_trains_checkpoints_and_resumes(setup, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.hidden_size == 32
+
+
+def test_gradient_accumulation_and_clipping(setup, tmp_path):
+    train(setup, tmp_path / "acc", "--max-steps", "3", "--grad-accum", "2", "--batch-tokens", "512", "--clip", "0.5")
+    train(setup, tmp_path / "one", "--max-steps", "6", "--grad-accum", "1", "--batch-tokens", "512")
+    acc, one = log(tmp_path / "acc"), log(tmp_path / "one")
+    assert [r["step"] for r in acc] == [1, 2, 3]
+    # one optimizer step of accumulation covers two micro-batches: the same positions as two plain steps
+    assert acc[0]["valid"] == one[0]["valid"] + one[1]["valid"] and acc[1]["valid"] == one[2]["valid"] + one[3]["valid"]
+    assert all(r["grad_norm"] > 0 for r in acc)
