@@ -167,24 +167,44 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory) to evaluate.")
 @click.option("--cache", help="Held-out cache: NLL, KL(teacher || student) on the cached support, top-1 agreement.")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True)
-@click.option("--max-positions", type=int, default=None)
-def eval_cmd(model_dir: str, cache: str | None, batch_tokens: int, max_positions: int | None) -> None:
-    """Evaluate a student against a held-out teacher cache."""
+@click.option("--data", help="MiniLLM/DistiLLM jsonl (prompt, output): generate and score ROUGE-L against output.")
+@click.option("--out-file", default=None, help="Where generations go [default: MODEL/generations.jsonl].")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N prompts.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache evaluation batch size.")
+@click.option("--max-positions", type=int, default=None, help="Cache evaluation: at most this many positions.")
+def eval_cmd(model_dir: str, cache: str | None, data: str | None, out_file: str | None, max_new_tokens: int,
+             batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int, limit: int | None,
+             batch_tokens: int, max_positions: int | None) -> None:
+    """Evaluate a student: on a held-out teacher cache (--cache) and/or by generation (--data)."""
     import json
 
-    from trainer.evaluate import evaluate_cache
+    from trainer.evaluate import EvalDataError, evaluate_cache, evaluate_generation
     from trainer.student import StudentError
 
-    if not cache:
-        raise click.ClickException("--cache is required")
+    if not cache and not data:
+        raise click.ClickException("give --cache (teacher-cache metrics) and/or --data (generation + ROUGE-L)")
+    result: dict = {}
     try:
-        r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions)
-    except (StudentError, storage.CacheError) as e:
+        if cache:
+            r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions)
+            click.echo(f"cache: positions {r['positions']:,}  NLL {r['nll']:.4f}  KL(teacher||student) {r['kl']:.4f}  "
+                       f"top-1 agreement {r['top1_agreement']:.2%}")
+            result["cache"] = r
+        if data:
+            out_file = out_file or os.path.join(model_dir, "generations.jsonl")
+            r = evaluate_generation(model_dir, data, out_file, max_new_tokens, batch_size, do_sample, temperature,
+                                    top_p, seed, limit)
+            click.echo(f"generation: {r['n']} prompts  ROUGE-L {r['rougeL']:.2f}  (generations in {out_file})")
+            result["generation"] = r
+    except (StudentError, EvalDataError, storage.CacheError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"positions {r['positions']:,}  NLL {r['nll']:.4f}  KL(teacher||student) {r['kl']:.4f}  "
-               f"top-1 agreement {r['top1_agreement']:.2%}")
-    click.echo(json.dumps(r))
+    click.echo(json.dumps(result))
 
 
 @main.command()

@@ -201,7 +201,7 @@ def test_eval_reports_nll_kl_and_agreement(setup, tmp_path):
     train(setup, out, "--max-steps", "4")
     r = CliRunner().invoke(cli.main, ["eval", "--model", str(out / "final"), "--cache", str(cache)])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output.strip().splitlines()[-1])
+    res = json.loads(r.output.strip().splitlines()[-1])["cache"]
     assert res["positions"] > 0 and res["nll"] > 0 and res["kl"] >= 0 and 0 <= res["top1_agreement"] <= 1
 
 
@@ -251,3 +251,38 @@ def test_gradient_accumulation_and_clipping(setup, tmp_path):
     # one optimizer step of accumulation covers two micro-batches: the same positions as two plain steps
     assert acc[0]["valid"] == one[0]["valid"] + one[1]["valid"] and acc[1]["valid"] == one[2]["valid"] + one[3]["valid"]
     assert all(r["grad_norm"] > 0 for r in acc)
+
+
+def test_generation_eval_scores_rouge_l(setup, tmp_path):
+    from rouge_score import rouge_scorer
+
+    out = tmp_path / "g"
+    train(setup, out, "--max-steps", "2")
+    rows = [{"prompt": f"what is {w} and", "output": "the cat sat on the mat."} for w in ("one", "two", "three")]
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    args = ["eval", "--model", str(out / "final"), "--data", str(data), "--max-new-tokens", "8", "--batch-size", "2"]
+    r = CliRunner().invoke(cli.main, args + ["--out-file", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])["generation"]
+    gens = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert res["n"] == 3 and len(gens) == 3 and [g["prompt"] for g in gens] == [x["prompt"] for x in rows]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expect = sum(scorer.score(g["reference"], g["generation"])["rougeL"].fmeasure * 100 for g in gens) / 3
+    assert abs(res["rougeL"] - expect) < 1e-9
+    r2 = CliRunner().invoke(cli.main, args + ["--out-file", str(tmp_path / "b.jsonl")])  # greedy: deterministic
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+    s1 = CliRunner().invoke(cli.main, args + ["--do-sample", "--seed", "3", "--out-file", str(tmp_path / "s1.jsonl")])
+    s2 = CliRunner().invoke(cli.main, args + ["--do-sample", "--seed", "3", "--out-file", str(tmp_path / "s2.jsonl")])
+    assert s1.exit_code == s2.exit_code == 0 and (tmp_path / "s1.jsonl").read_text() == (tmp_path / "s2.jsonl").read_text()
+    assert r2.exit_code == 0
+
+
+def test_generation_eval_bad_data(setup, tmp_path):
+    out = tmp_path / "g"
+    train(setup, out, "--max-steps", "1")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    r = CliRunner().invoke(cli.main, ["eval", "--model", str(out / "final"), "--data", str(bad)])
+    assert r.exit_code == 1 and "line 1" in r.output and "'output'" in r.output
+    r = CliRunner().invoke(cli.main, ["eval", "--model", str(out / "final")])
+    assert r.exit_code == 1 and "--cache" in r.output

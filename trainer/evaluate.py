@@ -43,3 +43,80 @@ def evaluate_cache(model_dir: str, cache: str, batch_tokens: int = 8192, chunk: 
     if n == 0:
         return {"positions": 0, "nll": float("nan"), "kl": float("nan"), "top1_agreement": float("nan")}
     return {"positions": n, "nll": nll / n, "kl": kl / n, "top1_agreement": agree / n}
+
+
+class EvalDataError(Exception):
+    """A problem with the evaluation data; the message names the file and row."""
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """MiniLLM / DistiLLM jsonl: `prompt` (rendered) and `output` (the reference) per line."""
+    import json
+
+    rows = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise EvalDataError(f"{path}: cannot read ({e.strerror or e})") from e
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}, line {i + 1}: not JSON ({e})") from e
+        for key in ("prompt", "output"):
+            if not isinstance(row.get(key), str):
+                raise EvalDataError(f"{path}, line {i + 1}: needs a text field {key!r}")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise EvalDataError(f"{path}: no rows")
+    return rows
+
+
+@torch.no_grad()
+def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, max_new_tokens: int = 128,
+                        batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                        seed: int = 0, limit: int | None = None) -> dict[str, float]:
+    """Generate a response per prompt (greedy unless sampling) and score ROUGE-L F1 (x100) against `output`."""
+    import json
+
+    from rouge_score import rouge_scorer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = read_prompts(data, limit)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    max_prompt = max(8, int(getattr(model.config, "max_position_embeddings", 2048)) - max_new_tokens)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    torch.manual_seed(seed)
+    results = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        enc = [tok(r["prompt"])["input_ids"][-max_prompt:] for r in chunk]
+        T = max(len(e) for e in enc)
+        ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, e in enumerate(enc):
+            ids[i, T - len(e):] = torch.tensor(e)
+            attn[i, T - len(e):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, temperature=temperature if do_sample else None,
+                             top_p=top_p if do_sample else None, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        for r, seq in zip(chunk, out[:, T:]):
+            text = tok.decode(seq, skip_special_tokens=True).strip()
+            score = scorer.score(r["output"], text)["rougeL"].fmeasure * 100
+            results.append({"prompt": r["prompt"], "reference": r["output"], "generation": text, "rougeL": score})
+    if out_file:
+        with open(out_file, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return {"n": len(results), "rougeL": sum(r["rougeL"] for r in results) / len(results)}
