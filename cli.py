@@ -208,6 +208,18 @@ def eval_cmd(model_dir: str, cache: str | None, data: str | None, out_file: str 
 
 
 @main.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Directory for everything the demo makes.")
+@click.option("--fast", is_flag=True, help="A tiny variant (seconds, for tests): the numbers mean nothing.")
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True)
+def demo(out: str, fast: bool, engine: str) -> None:
+    """The whole pipeline offline on a built-in task: teacher, cache, 3 students, accuracy table and plot."""
+    import demo as demo_mod
+
+    cfg = demo_mod.DemoConfig.fast(out) if fast else demo_mod.DemoConfig(out=out, engine=engine)
+    demo_mod.demo(cfg)
+
+
+@main.command()
 @click.argument("cache")
 def verify(cache: str) -> None:
     """Check every shard of CACHE (checksums, schema, decoding, counts); exit 1 on any problem."""

@@ -220,3 +220,16 @@ def test_selection_and_temperatures():
     assert T[1].item() == pytest.approx(2.0)  # median difficulty -> base temperature
     assert T[2] < 2.0 < T[0]  # harder -> colder
     assert (T > 2.0 * math.exp(-0.5)).all() and (T < 2.0 * math.exp(0.5)).all()
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_a_tail_rounded_to_zero_keeps_every_loss_finite(data, name):
+    """A very confident teacher's top-k can sum to 1 in float32: the cache then holds a zero tail."""
+    hidden, weight, teacher, labels = data
+    t = full_targets(teacher * 20, labels, k=4)
+    t.tail_logmass = torch.full_like(t.tail_logmass, -math.inf)
+    h, w = hidden.clone().float().requires_grad_(), weight.clone().float().requires_grad_()
+    t = Targets(t.topk_ids, t.topk_logprobs.float(), t.tail_logmass.float(), t.labels, V)
+    out = kd_loss(h, w, t, LossConfig(loss=name, chunk_positions=4), LATFState())
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()

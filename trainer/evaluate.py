@@ -114,9 +114,11 @@ def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, 
         for r, seq in zip(chunk, out[:, T:]):
             text = tok.decode(seq, skip_special_tokens=True).strip()
             score = scorer.score(r["output"], text)["rougeL"].fmeasure * 100
-            results.append({"prompt": r["prompt"], "reference": r["output"], "generation": text, "rougeL": score})
+            results.append({"prompt": r["prompt"], "reference": r["output"], "generation": text, "rougeL": score,
+                            "exact_match": text == r["output"].strip()})
     if out_file:
         with open(out_file, "w", encoding="utf-8") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
-    return {"n": len(results), "rougeL": sum(r["rougeL"] for r in results) / len(results)}
+    return {"n": len(results), "rougeL": sum(r["rougeL"] for r in results) / len(results),
+            "exact_match": sum(r["exact_match"] for r in results) / len(results)}

@@ -82,7 +82,11 @@ def _student_stats(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor, ids: 
     r = e.sum(-1, keepdim=True)  # the mass outside the top-k, without cancellation
     log_s = s.log()
     head = zt_ids - m - log_s
-    tail = torch.where(r > 0, r.clamp_min(torch.finfo(r.dtype).tiny).log() - log_s, torch.full_like(r, NEG_INF))
+    tiny = torch.finfo(r.dtype).tiny
+    if ids.shape[-1] >= e.shape[-1]:  # k = V: the tail is empty
+        tail = torch.where(r > 0, r.clamp_min(tiny).log() - log_s, torch.full_like(r, NEG_INF))
+    else:  # never exactly zero for finite logits; an underflow is read as the smallest float
+        tail = r.clamp_min(tiny).log() - log_s
     return torch.cat([head, tail], -1), s, r, e_ids
 
 

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 LOG_FLOOR = -1e30  # stands for log 0 where a finite value is needed
+# A teacher's tail is never zero when k < V (softmax has no zeros); a cached tail that rounded to zero
+# (top-k sums of float32 values can reach 1) is read as e^-30, so reverse-KL-like losses stay finite.
+TEACHER_TAIL_FLOOR = -30.0
 
 
 def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, vocab_size: int,
@@ -30,8 +33,7 @@ def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, voc
     rest = vocab_size - k
     if rest > 0:
         log_rest = math.log(rest)
-        tail = (log_rest + (tail_logmass.unsqueeze(-1) - log_rest) / T)
-        tail = torch.where(torch.isneginf(tail_logmass).unsqueeze(-1), torch.full_like(tail, NEG_INF), tail)
+        tail = (log_rest + (tail_logmass.clamp_min(TEACHER_TAIL_FLOOR).unsqueeze(-1) - log_rest) / T)
     else:
         tail = torch.full_like(head[:, :1], NEG_INF)
     return torch.log_softmax(torch.cat([head, tail], dim=-1), dim=-1)
