@@ -3,7 +3,8 @@
 1. Generate instruction/response items: 2-digit addition, reversing and sorting short strings.
 2. Train a character-level teacher on them (here, in-process; a plain loop).
 3. `cache-teacher` over the training items, exactly as users run it (vLLM when installed, else hf).
-4. `train-student` three times from that one cache: cross-entropy only, reverse KL, AdaKD over reverse KL.
+4. `train-student` three times from that one cache: cross-entropy only, forward KL, AdaKD over forward KL
+   (students start from random weights; reverse KL, mode-seeking, learns far slower from scratch here).
 5. Exact-match accuracy of every model on held-out items (greedy generation), a table and a plot.
 
 Everything lands in one directory (default `runs/demo`). Nothing is downloaded; nothing from ../shared.
@@ -162,8 +163,8 @@ def demo(cfg: DemoConfig) -> dict:
     run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(out / "data" / "train.jsonl"),
          "--out", str(out / "cache"), "--top-k", "16", "--engine", cfg.engine, "--prompt-template", TEMPLATE,
          "--no-progress"], log)
-    students = {"CE only (SFT)": ["--kd-weight", "0", "--no-adakd"], "reverse KL": ["--loss", "rkl", "--no-adakd"],
-                "AdaKD over reverse KL": ["--loss", "rkl", "--adakd"]}
+    students = {"CE only (SFT)": ["--kd-weight", "0", "--no-adakd"], "forward KL": ["--loss", "fkl", "--no-adakd"],
+                "AdaKD over forward KL": ["--loss", "fkl", "--adakd"]}
     log("[4/5] train-student x 3 from the one cache")
     for name, extra in students.items():
         d = out / "students" / name.split()[0].lower().replace("(", "")

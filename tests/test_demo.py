@@ -17,10 +17,10 @@ def test_fast_demo_runs_the_whole_pipeline(tmp_path):
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "cache-teacher", "train-student"):
         assert step in r.output
     table = (out / "results.md").read_text()
-    for row in ("teacher", "CE only", "reverse KL", "AdaKD over reverse KL"):
+    for row in ("teacher", "CE only", "forward KL", "AdaKD over forward KL"):
         assert row in table
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert verify_cache(out / "cache").ok and CacheReader(out / "cache").manifest.complete
-    for name in ("ce", "reverse", "adakd"):
+    for name in ("ce", "forward", "adakd"):
         assert (out / "students" / name / "final" / "model.safetensors").exists()
         assert (out / "students" / name / "generations.jsonl").exists()
