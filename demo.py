@@ -165,28 +165,28 @@ def demo(cfg: DemoConfig) -> dict:
          "--no-progress"], log)
     students = {"CE only (SFT)": ["--kd-weight", "0", "--no-adakd"], "forward KL": ["--loss", "fkl", "--no-adakd"],
                 "AdaKD over forward KL": ["--loss", "fkl", "--adakd"]}
+    dirs = {name: out / "students" / name.split()[0].lower() for name in students}
     log("[4/5] train-student x 3 from the one cache")
     for name, extra in students.items():
-        d = out / "students" / name.split()[0].lower().replace("(", "")
+        d = dirs[name]
         run([bin_("train-student"), "--cache", str(out / "cache"), "--student", str(student_cfg), "--out", str(d),
              "--max-steps", str(cfg.student_steps), "--batch-tokens", "2048", "--lr", "3e-3", "--seed", str(cfg.seed),
              "--no-progress", *extra], log)
     log("[5/5] held-out exact-match accuracy (greedy)")
     acc = {"teacher (hidden 128 x 4)": accuracy(out / "teacher", out / "data" / "test.jsonl", out / "teacher_generations.jsonl")}
-    for name in students:
-        d = out / "students" / name.split()[0].lower().replace("(", "")
+    for name, d in dirs.items():
         acc[f"student: {name}"] = accuracy(d / "final", out / "data" / "test.jsonl", d / "generations.jsonl")
     table = ["| model | accuracy |", "| --- | --- |"] + [f"| {k} | {v:.1%} |" for k, v in acc.items()]
     for row in table:
         log(row)
-    _plot(acc, out, students)
+    _plot(acc, out, dirs)
     elapsed = time.time() - t0
     log(f"done in {elapsed:.0f} s; everything is in {out}/ (results.md, demo.png, cache/, students/)")
     (out / "results.md").write_text("# adakd demo\n\n" + "\n".join(table) + f"\n\nWall time {elapsed:.0f} s.\n")
     return {"accuracy": acc, "seconds": elapsed}
 
 
-def _plot(acc: dict, out: Path, students: dict) -> None:
+def _plot(acc: dict, out: Path, dirs: dict[str, Path]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,8 +195,7 @@ def _plot(acc: dict, out: Path, students: dict) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     ax[0].barh(list(acc), [v * 100 for v in acc.values()], color=["#444"] + ["#3366aa"] * (len(acc) - 1))
     ax[0].set(xlabel="held-out exact match (%)", title="accuracy")
-    for name in students:
-        d = out / "students" / name.split()[0].lower().replace("(", "")
+    for name, d in dirs.items():
         rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
         key = "ce" if "CE" in name else "kd"
         ax[1].plot([r["step"] for r in rows], [r[key] for r in rows], label=f"{name} ({key})")

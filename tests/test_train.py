@@ -286,3 +286,9 @@ def test_generation_eval_bad_data(setup, tmp_path):
     assert r.exit_code == 1 and "line 1" in r.output and "'output'" in r.output
     r = CliRunner().invoke(cli.main, ["eval", "--model", str(out / "final")])
     assert r.exit_code == 1 and "--cache" in r.output
+
+
+@pytest.mark.parametrize("steps", [["--max-steps", "2"], ["--epochs", "1"]])
+def test_too_little_data_for_one_step_is_refused(setup, tmp_path, steps):
+    r = train(setup, tmp_path / "t", *steps, "--grad-accum", "1000", ok=False)
+    assert r.exit_code == 1 and "not enough data for one optimizer step" in r.output

@@ -113,9 +113,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int) -> int:
-    """Optimizer steps per epoch for the smallest rank (every rank stops together)."""
-    n = sum(1 for _ in batches(reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0), cfg.batch_tokens, vocab))
-    return n
+    """Micro-batches in one epoch of this rank (decodes the rank's whole share: only for --epochs)."""
+    return sum(1 for _ in batches(reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0), cfg.batch_tokens, vocab))
+
+
+NOT_ENOUGH_DATA = "{cache}: not enough data for one optimizer step on each of {world} rank(s)"
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -155,10 +157,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas)
-    per_epoch = _all_min(_count_batches(reader, rank, world, cfg, vocab), world, device) // cfg.grad_accum
-    if per_epoch == 0:
-        raise TrainError(f"{cfg.cache}: not enough data for one optimizer step on each of {world} rank(s)")
-    total = cfg.max_steps or per_epoch * cfg.epochs
+    if cfg.max_steps:  # no need to read the cache once just to count
+        total = cfg.max_steps
+    else:
+        per_epoch = _all_min(_count_batches(reader, rank, world, cfg, vocab), world, device) // cfg.grad_accum
+        if per_epoch == 0:
+            raise TrainError(NOT_ENOUGH_DATA.format(cache=cfg.cache, world=world))
+        total = per_epoch * cfg.epochs
     latf = LATFState()
     step, epoch, cursor = 0, 0, None
     ckpt = latest_checkpoint(out)
@@ -177,8 +182,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         while step < stop_at:
             seed = cfg.seed + epoch
-            stream = reader.stream(rank=rank, world=world, seed=seed, cursor=cursor if cursor and cursor.seed == seed else None)
+            resume_at = cursor if cursor and cursor.seed == seed else None
+            stream = reader.stream(rank=rank, world=world, seed=seed, cursor=resume_at)
             it = batches(stream, cfg.batch_tokens, vocab)
+            epoch_steps = 0
             while step < stop_at:
                 micro = []
                 for _ in range(cfg.grad_accum):
@@ -210,16 +217,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 kd = _allreduce_mean(float(np.mean(kd_vals)), world, device)
+                ce = _allreduce_mean(float(np.mean(ce_vals)), world, device)
                 if cfg.loss.kd_weight > 0 and cfg.loss.adakd.latf:
                     latf_update(latf, kd, past_warmup=step + 1 >= warm_steps, cfg=cfg.loss.adakd)
                 step += 1
+                epoch_steps += 1
                 cursor = micro[-1].cursor
                 now = time.perf_counter()
                 t = torch.cat(temps) if temps else torch.zeros(0)
                 a = cfg.loss.kd_weight
                 record = {
-                    "step": step, "epoch": epoch, "loss": (1 - a) * float(np.mean(ce_vals)) + a * kd, "kd": kd,
-                    "ce": _allreduce_mean(float(np.mean(ce_vals)), world, device), "lr": lr, "grad_norm": float(gnorm),
+                    "step": step, "epoch": epoch, "loss": (1 - a) * ce + a * kd, "kd": kd,
+                    "ce": ce, "lr": lr, "grad_norm": float(gnorm),
                     "latf_ratio": latf.ratio, "selected": sel, "valid": valid,
                     "temp_mean": float(t.mean()) if len(t) else None, "temp_min": float(t.min()) if len(t) else None,
                     "temp_max": float(t.max()) if len(t) else None,
@@ -229,9 +238,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 log.step(record, t)
                 if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
                     _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
-            else:
-                continue
-            if step < stop_at:
+            if step < stop_at:  # this epoch's data ran out
+                if epoch_steps == 0 and resume_at is None:
+                    raise TrainError(NOT_ENOUGH_DATA.format(cache=cfg.cache, world=world))
                 epoch += 1
                 cursor = None
         model_state = _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
