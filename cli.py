@@ -116,6 +116,7 @@ def _finish(code: int) -> None:
 @click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard.")
 @click.option("--plot", is_flag=True, help="Draw loss, LATF ratio and temperature histogram to OUT/train_plot.png.")
 @click.option("--trust-remote-code", is_flag=True)
+@click.option("--live-teacher", default=None, help="Teacher directory: use its exact full-vocabulary distribution, computed live, instead of the cached top-k (to measure what the cache costs; needs the teacher in memory).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
@@ -152,7 +153,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             batch_tokens=o["batch_tokens"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
             save_every=o["save_every"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
             tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
-            progress=not o["no_progress"],
+            progress=not o["no_progress"], live_teacher=o["live_teacher"],
         )
         result = train(cfg)
     except (ValueError, TrainError) as e:

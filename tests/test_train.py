@@ -292,3 +292,30 @@ def test_generation_eval_bad_data(setup, tmp_path):
 def test_too_little_data_for_one_step_is_refused(setup, tmp_path, steps):
     r = train(setup, tmp_path / "t", *steps, "--grad-accum", "1000", ok=False)
     assert r.exit_code == 1 and "not enough data for one optimizer step" in r.output
+
+
+def test_live_teacher_gives_the_exact_full_vocabulary_targets(setup, tmp_path):
+    """--live-teacher == a k = V cache of the same teacher (up to the cache's 1/32-nat steps), whatever k the cache has."""
+    teacher, cache16, _ = setup
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(48, seed=3))
+    full = tmp_path / "cache-full"
+    vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(full),
+                                      "--top-k", str(vocab), "--engine", "hf", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    common = ("--max-steps", "3", "--loss", "rkl", "--temperature", "2", "--lr", "3e-3")
+    _, _, student = setup
+    runs = {}
+    for name, cache, extra in [("cached", full, ()), ("live-full", full, ("--live-teacher", str(teacher))),
+                               ("live-k16", cache16, ("--live-teacher", str(teacher)))]:
+        train((teacher, cache, student), tmp_path / name, *common, *extra)
+        runs[name] = [x["kd"] for x in log(tmp_path / name)]
+    assert runs["live-full"] == runs["live-k16"]  # the cached top-k are not used
+    assert runs["live-full"] == pytest.approx(runs["cached"], rel=2e-2, abs=1e-3)
+    assert runs["live-full"] != runs["cached"]  # ...but really computed live, not read
+
+
+def test_live_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
+    other = build_teacher(tmp_path / "other", vocab_size=300)
+    r = train(setup, tmp_path / "run", "--max-steps", "1", "--live-teacher", str(other), ok=False)
+    assert r.exit_code == 1 and "--live-teacher" in r.output and "vocabulary" in r.output

@@ -57,6 +57,7 @@ class TrainConfig:
     plot: bool = False
     progress: bool = True
     trust_remote_code: bool = False
+    live_teacher: str | None = None  # teacher dir: exact full-vocabulary targets computed live (measurement only)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +144,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainError(str(e)) from e
     vocab = model.get_output_embeddings().weight.shape[0]
     model.to(device).train()
+    live = None
+    if cfg.live_teacher:
+        from .live_teacher import LiveTeacher
+
+        try:
+            live = LiveTeacher(cfg.live_teacher, vocab, device, cfg.trust_remote_code)
+        except StudentError as e:
+            raise TrainError(str(e)) from e
     net = StudentLoss(model, cfg.loss)
     if world > 1:
         if cfg.fsdp:
@@ -201,6 +210,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 kd_vals, ce_vals, temps, sel, valid = [], [], [], 0, 0
                 for b in micro:
                     b = b.to(device)
+                    if live is not None:
+                        with autocast:
+                            b.targets = live.targets(b)
                     with autocast:
                         loss, o = net(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets, latf.ratio)
                     if not torch.isfinite(loss):
