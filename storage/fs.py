@@ -87,8 +87,17 @@ class CacheDir:
             raise CacheError(f"{full}: cannot be read: {e}") from e
 
     def write_atomic(self, rel: str, data: bytes) -> None:
-        """Publish `data` under `rel` all at once, or not at all."""
+        """Publish `data` under `rel` all at once, or not at all; a full disk is a CacheError naming the file."""
         full = self.path(rel)
+        try:
+            self._write_atomic(full, data)
+        except OSError as e:
+            raise CacheError(
+                f"{full}: cannot be written ({e.strerror or e}); nothing under this name changed and the cache is "
+                "valid up to its last listed shard: free space (or fix permissions) and re-run to resume"
+            ) from e
+
+    def _write_atomic(self, full: str, data: bytes) -> None:
         if not self.is_local:
             with self.fs.open_output_stream(full) as f:
                 f.write(data)

@@ -105,12 +105,15 @@ class CacheWriter:
         return m
 
     def _remove_stale_temporaries(self) -> None:
-        """Drop the temporary files a crashed writer of this slot left (never visible to readers)."""
+        """Drop the temporary files a crashed writer of this slot left (never visible to readers).
+
+        Auxiliary files belong to worker 0 (`put_file`), so its slot also owns their temporaries.
+        """
         mine = (f"{self.worker_index:05d}-", manifest_name(self.worker_index))
-        for folder in (None, SHARD_DIR):
+        for folder in (None, SHARD_DIR, *(AUX_DIRS if self.worker_index == 0 else ())):
             for name in self.dir.listdir(folder):
                 parts = name.split("-", 2)
-                if name.startswith(".tmp-") and len(parts) == 3 and parts[2].startswith(mine):
+                if name.startswith(".tmp-") and len(parts) == 3 and (folder in AUX_DIRS or parts[2].startswith(mine)):
                     self.dir.remove(f"{folder}/{name}" if folder else name)
 
     # -- state ---------------------------------------------------------------------------------
@@ -146,9 +149,14 @@ class CacheWriter:
             self.flush()
 
     def put_file(self, rel: str, data: bytes) -> None:
-        """Store an auxiliary file (e.g. `tokenizer/tokenizer.json`) atomically; not listed as a shard."""
+        """Store an auxiliary file (e.g. `tokenizer/tokenizer.json`) atomically; not listed as a shard.
+
+        Only worker 0 writes them, so one slot owns (and cleans up after) their temporary files.
+        """
         if rel.split("/")[0] not in AUX_DIRS:
             raise CacheError(f"auxiliary files go under {AUX_DIRS}, not {rel!r}")
+        if self.worker_index != 0:
+            raise CacheError(f"auxiliary files are written by worker 0, not by worker {self.worker_index}")
         self.dir.makedirs(rel.rsplit("/", 1)[0])
         self.dir.write_atomic(rel, data)
 

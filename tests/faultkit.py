@@ -1,0 +1,266 @@
+"""Fault-injection harness shared by the tests and `python -m bench.faults`.
+
+Runs the real command line in a child process (`fault_child.py`), kills it (SIGKILL at an armed call or
+after a delay) or limits its file size (RLIMIT_FSIZE), and checks what it leaves behind: a cache whose
+listed shards are byte-identical to an uninterrupted run's, a checkpoint directory whose `latest` is
+complete, a training log whose losses match an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CHILD = HERE / "fault_child.py"
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+    wall: float
+    hit: list[str] = field(default_factory=list)  # what the armed fault hit (fault_child's log)
+
+    @property
+    def killed(self) -> bool:
+        return self.rc == -signal.SIGKILL
+
+
+def run_cli(argv: list[str], arms: tuple[str, ...] = (), kill_after: float | None = None,
+            kill_when: Callable[[], bool] | None = None, fsize: int | None = None, timeout: float = 300,
+            env: dict | None = None) -> Run:
+    """One child process running `adakd ARGV` with faults armed (see fault_child.py); SIGKILLed
+    `kill_after` seconds after it starts, or after `kill_when()` first holds; file sizes capped at `fsize`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log, out_path, err_path = (Path(tmp) / n for n in ("faults", "stdout", "stderr"))
+        full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), ADAKD_FAULT_LOG=str(log),
+                        OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+        cmd = [sys.executable, str(CHILD)] + [x for a in arms for x in ("--arm", a)] + ["--", *argv]
+
+        def limit() -> None:
+            if fsize is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+        t0 = time.monotonic()
+        with open(out_path, "w") as fo, open(err_path, "w") as fe:
+            proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=fo, stderr=fe, preexec_fn=limit)
+            timed = kill_after is not None or kill_when is not None
+            armed_at = None if kill_when else t0
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise TimeoutError(f"{argv[0]} ran over {timeout} s: {cmd}")
+                if timed and armed_at is None and kill_when():
+                    armed_at = now
+                if timed and armed_at is not None and now - armed_at >= (kill_after or 0.0):
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(0.002)
+        wall = time.monotonic() - t0
+        hit = log.read_text().splitlines() if log.exists() else []
+        out, err = out_path.read_text(), err_path.read_text()
+    if timed and proc.returncode == -signal.SIGKILL and not hit:
+        hit = [f"time: {wall:.2f} s after start"]
+    return Run(proc.returncode, out, err, wall, hit)
+
+
+# -- capture -------------------------------------------------------------------------------------
+@dataclass
+class CaptureSetup:
+    """A tiny teacher, a small dataset and the arguments every capture run shares."""
+
+    teacher: Path
+    data: Path
+    extra: tuple[str, ...] = ("--top-k", "16", "--engine", "hf", "--shard-positions", "60", "--batch-tokens", "512")
+
+    def argv(self, out: Path, *more: str) -> list[str]:
+        return ["cache-teacher", "--no-progress", "--teacher", str(self.teacher), "--data", str(self.data),
+                "--out", str(out), *self.extra, *more]
+
+
+def capture_setup(root: Path, records: int = 40, seed: int = 5) -> CaptureSetup:
+    from tiny import build_teacher, instruction_rows, write_jsonl
+
+    root.mkdir(parents=True, exist_ok=True)
+    return CaptureSetup(build_teacher(root / "teacher"), write_jsonl(root / "data.jsonl", instruction_rows(records, seed)))
+
+
+def shard_files(cache: Path) -> dict[str, bytes]:
+    """The bytes of every shard the cache's manifests list, by name."""
+    from storage import CacheReader
+
+    return {s.file: (cache / s.file).read_bytes() for s in CacheReader(cache).shards}
+
+
+def partial_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
+    """What is wrong with a cache left by a killed writer: it must verify, and every shard it lists must
+    be the reference's shard of the same name (so what is there is final and a prefix of the data)."""
+    from storage import CacheNotFoundError, CacheReader, verify_cache
+
+    try:
+        reader = CacheReader(cache)
+    except CacheNotFoundError:
+        return []  # killed before its first manifest: nothing is published, nothing to check
+    report = verify_cache(cache)
+    problems = list(report.problems)
+    names = sorted(reference)
+    listed = [s.file for s in reader.shards]
+    if listed != names[: len(listed)]:
+        problems.append(f"listed shards {listed} are not a prefix of {names}")
+    problems += [f"{f}: differs from the uninterrupted run's" for f in listed if (cache / f).read_bytes() != reference.get(f)]
+    if reader.manifest.complete and listed != names:
+        problems.append("marked complete with shards missing")
+    return problems
+
+
+def final_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
+    """A finished cache must be complete, verify without warnings, and hold exactly the reference shards."""
+    from storage import CacheReader, verify_cache
+
+    report = verify_cache(cache)
+    problems = report.problems + [f"warning: {w}" for w in report.warnings]
+    if not problems:
+        if not CacheReader(cache).manifest.complete:
+            problems.append("not complete")
+        got = shard_files(cache)
+        if got != reference:
+            problems.append(f"shards differ from the uninterrupted run: {sorted(set(got) ^ set(reference)) or 'content'}")
+    leftovers = [str(p.relative_to(cache)) for p in cache.rglob(".tmp-*")]
+    if leftovers:
+        problems.append(f"temporary files left: {leftovers}")
+    return problems
+
+
+def listed_shards(cache: Path) -> int:
+    from storage import CacheError, CacheReader
+
+    try:
+        return len(CacheReader(cache).shards)
+    except CacheError:
+        return 0
+
+
+@dataclass
+class Kill:
+    """One crash point: what was armed, whether the process died there, what it hit, what was wrong after."""
+
+    arm: str
+    killed: bool
+    hit: str
+    problems: list[str]
+
+
+def writing_since(cache: Path, t: float) -> Callable[[], bool]:
+    """Holds once a shard, manifest or temporary file of the cache was modified after wall-clock time `t`."""
+    def check() -> bool:
+        try:
+            files = [p for p in (cache / "shards").iterdir()] + [p for p in cache.iterdir()
+                                                                 if p.name.startswith(("manifest-", ".tmp-"))]
+            return any(p.stat().st_mtime >= t for p in files)
+        except OSError:  # not there yet, or renamed while we looked
+            return False
+    return check
+
+
+CAPTURE_FAULTS = ("write", "replace", "replaced", "fsync")
+
+
+@dataclass
+class Campaign:
+    """Crash points tried, and per resumed cache (one chain of kills) what was wrong with it at the end."""
+
+    kills: list[Kill] = field(default_factory=list)
+    finals: list[list[str]] = field(default_factory=list)
+
+    @property
+    def survived(self) -> int:
+        return sum(k.killed and not k.problems for k in self.kills)
+
+    @property
+    def tried(self) -> int:
+        return sum(k.killed for k in self.kills)
+
+
+def capture_campaign(setup: CaptureSetup, reference: dict[str, bytes], root: Path, kills: int, rng,
+                     first: tuple[str, ...] = (), time_share: float = 0.25, max_call: int = 4) -> Campaign:
+    """SIGKILL `cache-teacher` at `kills` moments: the `first` armed faults, then at the K-th low-level
+    write / rename / fsync of a run (K drawn among the calls it has left) or at a random moment once it
+    writes. Each run resumes the cache the last one left, which is checked after every kill; once a run
+    finishes, the cache is compared with the uninterrupted one and a new chain starts in a fresh directory."""
+    c = Campaign()
+    out = None
+    planned = list(first)
+    while c.tried < kills:
+        if out is None:
+            out = root / f"chain-{len(c.finals)}"
+        left = len(reference) - listed_shards(out)  # each shard: about 2 writes, 2 renames, 4 fsyncs
+        if planned:
+            arm = planned.pop(0)
+            r = run_cli(setup.argv(out), arms=(arm,))
+        elif rng.random() < time_share:
+            arm = "time"
+            r = run_cli(setup.argv(out), kill_when=writing_since(out, time.time()), kill_after=rng.uniform(0.0, 0.1))
+        else:
+            arm = f"{rng.choice(CAPTURE_FAULTS)}:{rng.randint(1, max(1, min(max_call, 2 * left)))}"
+            r = run_cli(setup.argv(out), arms=(arm,))
+        if r.killed:
+            c.kills.append(Kill(arm, True, r.hit[-1] if r.hit else "", partial_cache_problems(out, reference)))
+        elif r.rc != 0:
+            raise RuntimeError(f"{arm}: exit {r.rc}\n{r.err[-3000:]}")
+        else:  # the run got to the end before its fault: this chain is done
+            c.finals.append(final_cache_problems(out, reference))
+            out = None
+    if out is not None:
+        final = run_cli(setup.argv(out))
+        c.finals.append(final_cache_problems(out, reference) if final.rc == 0 else [f"resume failed: {final.err[-2000:]}"])
+    return c
+
+
+# -- training ------------------------------------------------------------------------------------
+def train_losses(out: Path) -> dict[int, float]:
+    """step -> loss, the last record of each step (a resumed run appends the steps it redoes)."""
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def checkpoint_problems(out: Path) -> list[str]:
+    """`latest` (when present) must name a complete checkpoint: every file readable, the step it says."""
+    from safetensors.torch import load_file
+
+    root = out / "checkpoints"
+    ptr = root / "latest"
+    if not ptr.exists():
+        return []
+    name = ptr.read_text().strip()
+    ckpt = root / name
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        for f in ("optimizer.safetensors", "rng.safetensors", "model/model.safetensors"):
+            if not load_file(str(ckpt / f)):
+                return [f"{ckpt / f}: empty"]
+        json.loads((ckpt / "model" / "config.json").read_text())
+    except Exception as e:  # noqa: BLE001 - any failure means a half-written checkpoint
+        return [f"latest -> {name}: incomplete ({type(e).__name__}: {e})"]
+    if f"step-{state['step']:06d}" != name:
+        return [f"latest -> {name} holds step {state['step']}"]
+    return []
+
+
+def latest_step(out: Path) -> int:
+    ptr = out / "checkpoints" / "latest"
+    return int(ptr.read_text().strip().split("-")[1]) if ptr.exists() else 0
