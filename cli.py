@@ -122,6 +122,7 @@ def _finish(code: int) -> None:
 def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     """Stage two: train a student on a cache with sparse-target KD and AdaKD (resumes from OUT/checkpoints)."""
     from trainer.adakd import AdaKDConfig
+    from trainer.checkpoint import CheckpointError, check_writable
     from trainer.kd_loss import LossConfig
     from trainer.train import TrainConfig, TrainError, train
 
@@ -155,8 +156,9 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
             progress=not o["no_progress"], live_teacher=o["live_teacher"],
         )
+        check_writable(cfg.out)  # before any work
         result = train(cfg)
-    except (ValueError, TrainError) as e:
+    except (ValueError, TrainError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]

@@ -232,35 +232,147 @@ def capture_campaign(setup: CaptureSetup, reference: dict[str, bytes], root: Pat
 
 
 # -- training ------------------------------------------------------------------------------------
+@dataclass
+class TrainSetup:
+    """A cache, a tiny random-init student and the arguments every training run shares."""
+
+    cache: Path
+    student: Path
+    steps: int = 12
+    save_every: int = 3
+
+    def argv(self, out: Path, *more: str) -> list[str]:
+        return ["train-student", "--no-progress", "--cache", str(self.cache), "--student", str(self.student),
+                "--out", str(out), "--batch-tokens", "512", "--max-steps", str(self.steps), "--save-every",
+                str(self.save_every), "--lr", "3e-3", "--seed", "5", *more]
+
+
+def train_setup(cap: CaptureSetup, cache: Path, root: Path) -> TrainSetup:
+    """Training on a cache of `cap`'s teacher: a student config made from the teacher's, smaller."""
+    cfg = json.loads((cap.teacher / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    root.mkdir(parents=True, exist_ok=True)
+    student = root / "student.json"
+    student.write_text(json.dumps(cfg))
+    return TrainSetup(cache, student)
+
+
 def train_losses(out: Path) -> dict[int, float]:
     """step -> loss, the last record of each step (a resumed run appends the steps it redoes)."""
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    log = out / "train_log.jsonl"
+    if not log.exists():
+        return {}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows}
 
 
+def logged_steps(out: Path) -> list[int]:
+    log = out / "train_log.jsonl"
+    return [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
+def resume_step(out: Path) -> int:
+    """The step a re-run continues from (0: from scratch)."""
+    from trainer.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    return int(ckpt.name.split("-")[1]) if ckpt else 0
+
+
 def checkpoint_problems(out: Path) -> list[str]:
-    """`latest` (when present) must name a complete checkpoint: every file readable, the step it says."""
+    """The checkpoint a re-run would resume from must be complete: every file readable, the step it says;
+    so must every other `step-*` directory (they appear only by an atomic rename)."""
     from safetensors.torch import load_file
 
-    root = out / "checkpoints"
-    ptr = root / "latest"
-    if not ptr.exists():
-        return []
-    name = ptr.read_text().strip()
-    ckpt = root / name
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-        for f in ("optimizer.safetensors", "rng.safetensors", "model/model.safetensors"):
-            if not load_file(str(ckpt / f)):
-                return [f"{ckpt / f}: empty"]
-        json.loads((ckpt / "model" / "config.json").read_text())
-    except Exception as e:  # noqa: BLE001 - any failure means a half-written checkpoint
-        return [f"latest -> {name}: incomplete ({type(e).__name__}: {e})"]
-    if f"step-{state['step']:06d}" != name:
-        return [f"latest -> {name} holds step {state['step']}"]
-    return []
-
-
-def latest_step(out: Path) -> int:
+    problems = []
+    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+            for f in ("optimizer.safetensors", "rng.safetensors", "model/model.safetensors"):
+                if not load_file(str(ckpt / f)):
+                    problems.append(f"{ckpt / f}: empty")
+            json.loads((ckpt / "model" / "config.json").read_text())
+            if f"step-{state['step']:06d}" != ckpt.name:
+                problems.append(f"{ckpt.name} holds step {state['step']}")
+        except Exception as e:  # noqa: BLE001 - any failure means a half-written checkpoint
+            problems.append(f"{ckpt.name}: incomplete ({type(e).__name__}: {e})")
     ptr = out / "checkpoints" / "latest"
-    return int(ptr.read_text().strip().split("-")[1]) if ptr.exists() else 0
+    if ptr.exists() and not (out / "checkpoints" / ptr.read_text().strip()).is_dir():
+        problems.append(f"latest names {ptr.read_text().strip()!r}, which is not there")
+    return problems
+
+
+def train_final_problems(out: Path, reference: Path) -> list[str]:
+    """A finished run must hold the uninterrupted run's losses at every step, bit for bit, and its weights."""
+    from safetensors.torch import load_file
+
+    problems = checkpoint_problems(out)
+    got, want = train_losses(out), train_losses(reference)
+    if got != want:
+        diff = [s for s in sorted(set(got) | set(want)) if got.get(s) != want.get(s)]
+        problems.append(f"losses differ from the uninterrupted run at steps {diff[:10]}")
+    try:
+        a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(reference / "final" / "model.safetensors"))
+        if a.keys() != b.keys() or any(not a[k].equal(b[k]) for k in a):
+            problems.append("final weights differ from the uninterrupted run's")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"final student unreadable ({type(e).__name__}: {e})")
+    leftovers = [p.name for p in (out / "checkpoints").glob(".tmp-*")]
+    if leftovers:
+        problems.append(f"temporary checkpoint directories left: {leftovers}")
+    return problems
+
+
+TRAIN_FAULTS = ("step", "save", "rename", "replace", "fsync")
+
+
+def train_campaign(setup: TrainSetup, reference: Path, root: Path, kills: int, rng, first: tuple[str, ...] = (),
+                   time_share: float = 0.15) -> Campaign:
+    """SIGKILL `train-student` at `kills` moments: the `first` armed faults, then before a random optimizer
+    step, inside a random checkpoint file write, rename, `latest` replacement or fsync, or at a random
+    moment once it logs. After each kill the checkpoints must be complete; each re-run must continue from
+    the last complete one; a finished run must match the uninterrupted one bit for bit."""
+    c = Campaign()
+    out = None
+    planned = list(first)
+    while c.tried < kills:
+        if out is None:
+            out = root / f"run-{len(c.finals)}"
+        start = resume_step(out)
+        logged = len(logged_steps(out))
+        left = setup.steps - start
+        ckpts = left // setup.save_every + 1  # checkpoints (and the final student) this run has to write
+        if planned:
+            arm = planned.pop(0)
+            r = run_cli(setup.argv(out), arms=(arm,))
+        elif rng.random() < time_share:
+            arm = "time"
+            r = run_cli(setup.argv(out), kill_when=writing_since_log(out, time.time()), kill_after=rng.uniform(0.0, 0.5))
+        else:
+            kind = rng.choice(TRAIN_FAULTS)
+            top = {"step": left, "save": 3 * ckpts, "rename": ckpts, "replace": ckpts, "fsync": 10 * ckpts}[kind]
+            arm = f"{kind}:{rng.randint(1, max(1, top))}"
+            r = run_cli(setup.argv(out), arms=(arm,))
+        new = logged_steps(out)[logged:]
+        problems = [] if not new or new[0] == start + 1 else [f"resumed at step {new[0]}, not {start + 1}"]
+        if r.killed:
+            c.kills.append(Kill(arm, True, r.hit[-1] if r.hit else "", problems + checkpoint_problems(out)))
+        elif r.rc != 0:
+            raise RuntimeError(f"{arm}: exit {r.rc}\n{r.err[-3000:]}")
+        else:
+            c.finals.append(problems + train_final_problems(out, reference))
+            out = None
+    if out is not None:
+        final = run_cli(setup.argv(out))
+        c.finals.append(train_final_problems(out, reference) if final.rc == 0 else [f"resume failed: {final.err[-2000:]}"])
+    return c
+
+
+def writing_since_log(out: Path, t: float) -> Callable[[], bool]:
+    """Holds once the run has logged a step after wall-clock time `t`."""
+    def check() -> bool:
+        try:
+            return (out / "train_log.jsonl").stat().st_mtime >= t
+        except OSError:
+            return False
+    return check

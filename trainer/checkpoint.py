@@ -7,7 +7,8 @@ OUT/checkpoints/step-000100/
 OUT/checkpoints/latest   the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, fsynced, and renamed into place; `latest` is replaced
-atomically after that. A crash or a full disk mid-write leaves the previous checkpoint as `latest`.
+atomically after that. A crash or a full disk mid-write leaves the previous checkpoint as `latest`; the
+temporary directories a crash leaves are removed by the next save.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -73,10 +75,15 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt
                     state: dict[str, Any], cursors: list[dict], model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write step-<step> completely, then point `latest` at it. Returns its path."""
     root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{uuid.uuid4().hex}-{name}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a run killed mid-write (rank 0 is the only writer)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         if model_state is None:
             model.save_pretrained(tmp / "model", safe_serialization=True)
         else:
@@ -93,27 +100,50 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt
                                                    indent=1, default=str))
         _fsync_tree(tmp)
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # this step again (a finished run re-run): move the old copy aside, never delete it first
+            old = root / f".tmp-{uuid.uuid4().hex}-old-{name}"
+            os.rename(final, old)
         os.rename(tmp, final)
         _write_text_atomic(root / "latest", name)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return final
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as SafetensorError
             raise CheckpointError(
-                f"checkpoint at step {step} could not be written to {root} ({e.strerror or e}); the previous "
+                f"checkpoint at step {step} could not be written to {root} ({getattr(e, 'strerror', None) or e}); the previous "
                 f"checkpoint ({latest_checkpoint(out) or 'none'}) is intact"
             ) from e
         raise
 
 
+def check_writable(out: str | os.PathLike) -> None:
+    """Refuse an output directory that cannot be written, before any training work."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{out}: the output directory is not writable ({e.strerror or e}); choose another --out") from e
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    ptr = out / "checkpoints" / "latest"
-    if not ptr.exists():
-        return None
-    path = out / "checkpoints" / ptr.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    """The checkpoint `latest` names; when a crash left it naming none, the newest complete one.
+
+    Every `step-*` directory is complete: it appears only by renaming a fully written, fsynced one.
+    """
+    root = out / "checkpoints"
+    ptr = root / "latest"
+    if ptr.exists():
+        path = root / ptr.read_text().strip()
+        if (path / "state.json").exists():
+            return path
+    done = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").exists()]
+    return max(done, key=lambda p: int(p.name[5:])) if done else None
 
 
 def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
