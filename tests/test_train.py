@@ -65,6 +65,8 @@ def test_trains_end_to_end_and_saves_a_loadable_student(setup, tmp_path):
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert model.config.hidden_size == 32 and len(tok) == model.config.vocab_size
     assert (out / "train_plot.png").read_bytes()[:4] == b"\x89PNG"
+    hist = json.loads((out / "temperatures.json").read_text())
+    assert sum(hist["counts"]) == sum(x["selected"] for x in rows) and len(hist["edges"]) == len(hist["counts"]) + 1
     assert not list((out / "final").glob("*.bin")) and list((out / "final").glob("*.safetensors"))
 
 

@@ -398,7 +398,10 @@ class _Log:
         if self.tb is not None:
             self.tb.close()
         if self.cfg.plot and self.history:
-            plot_training(self.history, self.temp_hist, self.cfg.loss.temperature, str(self.out / "train_plot.png"))
+            T = self.cfg.loss.temperature
+            plot_training(self.history, self.temp_hist, T, str(self.out / "train_plot.png"))
+            hist = {"edges": np.linspace(T * 0.5, T * 2.0, len(self.temp_hist) + 1).tolist(), "counts": self.temp_hist.tolist()}
+            (self.out / "temperatures.json").write_text(json.dumps(hist))  # this run's steps, for comparisons across runs
 
 
 def plot_training(history: list[dict[str, Any]], temp_hist: np.ndarray, base_t: float, path: str) -> None:
