@@ -49,7 +49,7 @@ def verify_cache(uri: str | os.PathLike) -> VerifyReport:
                 tokens += len(block.input_ids)
                 positions += block.positions
                 records.append(block.records)
-                _check_values(block, manifest.info.k)
+                _check_values(block, cache.path(entry.file))
             recs = np.concatenate(records) if records else np.zeros(0, np.int64)
             if (rows, tokens, positions) != (entry.rows, entry.tokens, entry.positions):
                 raise CacheError(f"{cache.path(entry.file)}: decoded counts differ from the manifest")
@@ -77,9 +77,9 @@ def verify_cache(uri: str | os.PathLike) -> VerifyReport:
     return report
 
 
-def _check_values(block, k: int) -> None:
+def _check_values(block, where: str) -> None:
     if block.positions and not np.all(np.isfinite(block.topk_logprobs)):
-        raise CacheError("non-finite top-k log-probabilities")
+        raise CacheError(f"{where}: non-finite top-k log-probabilities")
 
 
 @dataclass

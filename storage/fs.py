@@ -78,6 +78,9 @@ class CacheDir:
 
     def read_bytes(self, rel: str) -> bytes:
         full = self.path(rel)
+        kind = self.fs.get_file_info(full).type
+        if kind not in (pafs.FileType.File, pafs.FileType.NotFound):  # a FIFO or a device would block or never end
+            raise CacheCorruptError(f"{full}: not a regular file ({kind.name}); restore it from the writer's output")
         try:
             with self.fs.open_input_stream(full) as f:
                 return f.read()

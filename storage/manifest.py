@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,9 +94,28 @@ class ShardEntry:
         except (KeyError, TypeError) as err:
             raise CacheCorruptError(f"{where}: malformed shard entry {d!r}") from err
         safe_relpath(e.file, f"{where}: shard file")
+        counts = [e.rows, e.tokens, e.positions, e.bytes, *e.blocks] if isinstance(e.blocks, list) else None
+        if (counts is None or not all(_count(x) for x in counts) or not isinstance(e.sha256, str)
+                or not isinstance(e.records, list) or len(e.records) != 2 or not all(_count(x) for x in e.records)):
+            raise CacheCorruptError(f"{where}: shard {e.file}: malformed entry (counts must be non-negative integers) {d!r}")
         if sum(e.blocks) != e.rows:
             raise CacheCorruptError(f"{where}: shard {e.file} block rows do not add up to {e.rows}")
         return e
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_info(info: CacheInfo, where: str) -> None:
+    """The settings readers compute with must have their types: a re-signed edit passes the checksum."""
+    enc = info.encoding
+    if not (_count(info.num_workers) and info.num_workers >= 1 and enc.k >= 1 and enc.vocab_size >= 1
+            and all(math.isfinite(x) and x > 0 for x in (enc.lp_step, enc.aux_step))):
+        raise CacheCorruptError(
+            f"{where}: malformed cache settings (num_workers {info.num_workers!r}, k {enc.k}, vocab_size "
+            f"{enc.vocab_size}, steps {enc.lp_step}, {enc.aux_step})"
+        )
 
 
 @dataclass
@@ -142,6 +163,7 @@ class WorkerManifest:
             raise CacheCorruptError(f"{where}: checksum mismatch: the manifest was edited or corrupted")
         try:
             info = CacheInfo.from_json(body["cache"])
+            _check_info(info, where)
             if info.target_kind not in TARGET_KINDS:
                 raise CacheVersionError(f"{where}: target kind {info.target_kind!r} is not known to this adakd")
             shards = [ShardEntry.from_json(s, where) for s in body["shards"]]
@@ -206,6 +228,7 @@ def load_manifest(cache: CacheDir) -> CacheManifest:
         if not 0 <= i < w.info.num_workers:
             raise CacheCorruptError(f"{cache.path(manifest_name(i))}: worker {i} of {w.info.num_workers}")
     files = [s.file for w in workers.values() for s in w.shards]
-    if len(set(files)) != len(files):
-        raise CacheCorruptError(f"{cache.uri}: a shard file is listed twice across the manifests")
+    twice = sorted(f for f, n in Counter(files).items() if n > 1)
+    if twice:
+        raise CacheCorruptError(f"{cache.uri}: shard file {twice[0]} is listed twice across the manifests")
     return CacheManifest(info=first.info, workers=workers)

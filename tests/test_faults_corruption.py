@@ -1,0 +1,85 @@
+"""Damaged caches: hypothesis-drawn corruption (corruption.py) ends in a clear error naming the file or in
+exactly the undamaged numbers, never in wrong numbers, a hang or another exception; plus the cases it found."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from corruption import Damage, apply, build_pristine, fuzz, judge, snapshot, time_limit
+
+from storage import CacheCorruptError, CacheReader, verify_cache
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pristine") / "cache"
+    build_pristine(path)
+    return path
+
+
+def test_fuzzed_corruption_never_gives_wrong_numbers(pristine, tmp_path):
+    result = fuzz(pristine, tmp_path, examples=300)
+    assert result.cases == 300
+    assert not result.failures, result.failures[:5]
+    reads = {read for _, read in result.outcomes}
+    assert {"error:CacheCorruptError", "correct", "incomplete"} <= reads, result.outcomes
+    assert sum(n for (_, read), n in result.outcomes.items() if read.startswith("error")) > 150
+    assert set(result.damages) >= {"flip", "truncate", "zero_page", "swap", "edit", "hostile_path", "special", "forge"}
+
+
+def _damaged(pristine, tmp_path, *case: Damage):
+    root = tmp_path / "c"
+    shutil.copytree(pristine, root)
+    for d in case:
+        apply(root, d)
+    return root
+
+
+def _edit(path: list, value, manifest: str = "manifest-00000.json") -> Damage:
+    return Damage("edit", manifest, {"path": path, "op": "set", "value": value, "resign": True})
+
+
+@pytest.mark.parametrize("path,value", [
+    (["cache", "num_workers"], "2"),  # found by the fuzzer: a TypeError out of load_manifest and verify_cache
+    (["cache", "num_workers"], [2]),
+    (["cache", "encoding", "lp_step"], float("nan")),
+    (["shards", 0, "records"], []),  # a resuming writer indexed records[-1]
+    (["shards", 0, "rows"], "7"),
+])
+def test_resigned_manifest_with_wrong_types_is_a_clear_error(pristine, tmp_path, path, value):
+    root = _damaged(pristine, tmp_path, _edit(path, value))
+    with pytest.raises(CacheCorruptError, match=r"manifest-00000.json: (shard \S+: )?malformed"):
+        CacheReader(root)
+    report = verify_cache(root)
+    assert not report.ok and "manifest-00000.json" in report.problems[0]
+
+
+@pytest.mark.parametrize("what", ["fifo", "/dev/zero", "dir"])
+def test_special_file_in_place_of_a_shard_is_refused_without_hanging(pristine, tmp_path, what):
+    shard = CacheReader(pristine).shards[0].file
+    root = _damaged(pristine, tmp_path, Damage("special", shard, {"what": what}))
+    with time_limit(20):
+        with pytest.raises(CacheCorruptError, match=shard):
+            list(CacheReader(root).stream())
+        report = verify_cache(root)
+    assert not report.ok and shard in report.problems[0]
+    if what != "dir":
+        assert "not a regular file" in report.problems[0]
+
+
+def test_a_shard_listed_twice_is_named(pristine, tmp_path):
+    other = json.loads((pristine / "manifest-00000.json").read_text())["shards"][0]["file"]
+    root = _damaged(pristine, tmp_path, Damage("hostile_path", "manifest-00001.json", {"shard": 0, "path": other, "resign": True}))
+    with pytest.raises(CacheCorruptError, match=f"shard file {other} is listed twice"):
+        CacheReader(root)
+
+
+def test_judge_catches_wrong_numbers(pristine, tmp_path):
+    """The oracle itself: a re-signed value change is reported as wrong numbers, not as a correct read."""
+    root = _damaged(pristine, tmp_path, Damage("forge", CacheReader(pristine).shards[0].file, {"flips": [], "truncate": None}))
+    expected = snapshot(pristine)
+    expected[min(expected)] = tuple(b"x" for _ in expected[min(expected)])
+    outcome = judge(root, expected, [Damage("flip", "x")])
+    assert not outcome.ok and outcome.read == "wrong numbers"
