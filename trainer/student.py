@@ -51,15 +51,15 @@ def cache_tokenizer(reader: CacheReader):
     with tempfile.TemporaryDirectory() as d:
         for name, data in files.items():
             Path(d, name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(d)
+        return AutoTokenizer.from_pretrained(d, trust_remote_code=False)  # a cache's files are data, never code
 
 
-def student_tokenizer(spec: str, fallback):
+def student_tokenizer(spec: str, fallback, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = Path(spec)
     if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)  # never a prompt
     return fallback
 
 
