@@ -77,6 +77,7 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt
     root = out / "checkpoints"
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{uuid.uuid4().hex}-{name}"
+    final, old = root / name, None
     try:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):  # left by a run killed mid-write (rank 0 is the only writer)
@@ -99,8 +100,6 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups, "cursors": cursors},
                                                    indent=1, default=str))
         _fsync_tree(tmp)
-        final = root / name
-        old = None
         if final.exists():  # this step again (a finished run re-run): move the old copy aside, never delete it first
             old = root / f".tmp-{uuid.uuid4().hex}-old-{name}"
             os.rename(final, old)
@@ -111,9 +110,12 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt
         return final
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not final.exists():
+            os.rename(old, final)  # the new copy did not make it: put the old one back
         if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as SafetensorError
+            why = getattr(e, "strerror", None) or e
             raise CheckpointError(
-                f"checkpoint at step {step} could not be written to {root} ({getattr(e, 'strerror', None) or e}); the previous "
+                f"checkpoint at step {step} could not be written to {root} ({why}); the previous "
                 f"checkpoint ({latest_checkpoint(out) or 'none'}) is intact"
             ) from e
         raise
