@@ -234,11 +234,12 @@ def cache_teacher(teacher: Path, data: Path, out: Path, cfg: QualityConfig, limi
     run(cmd + (["--limit", str(limit)] if limit else []), log)
 
 
-def evaluate(model: Path, dev_cache: Path, cfg: QualityConfig, log, threads: int | None) -> dict:
-    """`adakd eval`: dev-cache metrics and test ROUGE-L; the JSON it prints last."""
+def evaluate(model: Path, dev_cache: Path, cfg: QualityConfig, seed: int, log, threads: int | None) -> dict:
+    """`adakd eval`: dev-cache metrics, and ROUGE-L of responses sampled at T = 1 (MiniLLM / DistiLLM / AdaKD's
+    protocol) on test; the JSON it prints last."""
     cmd = [bin_("adakd"), "eval", "--model", str(model), "--cache", str(dev_cache), "--data",
-           str(Path(cfg.data) / "test.jsonl"), "--out-file", str(model / "test_generations.jsonl"),
-           "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", "50"]
+           str(Path(cfg.data) / "test.jsonl"), "--out-file", str(model / f"test_generations_seed{seed}.jsonl"),
+           "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", "64", "--do-sample", "--seed", str(seed)]
     if cfg.test_limit:
         cmd += ["--limit", str(cfg.test_limit)]
     out = run(cmd, log, threads)
@@ -261,7 +262,7 @@ def student_run(method: str, seed: int, root: Path, cfg: QualityConfig, log, thr
          "--lr", str(cfg.student_lr), "--seed", str(seed), "--plot", "--no-progress", *extra], log, threads)
     seconds = time.time() - t0
     r = {"method": method, "seed": seed, "train_seconds": seconds,
-         **evaluate(d / "final", root / "cache-dev", cfg, log, threads)}
+         **evaluate(d / "final", root / "cache-dev", cfg, seed, log, threads)}
     done.write_text(json.dumps(r))
     log(f"  {method}, seed {seed}: ROUGE-L {r['rougeL']:.2f}  dev NLL {r['nll']:.3f}  KL {r['kl']:.3f}  ({seconds:.0f} s)")
     return r
@@ -289,7 +290,7 @@ def markdown(table: dict[str, dict], teacher: dict, cfg: QualityConfig, info: di
     lines = ["| model | ROUGE-L (test) | NLL (dev) | KL(teacher‖student) (dev) | top-1 agreement (dev) | train s |",
              "| --- | --- | --- | --- | --- | --- |",
              f"| teacher ({cfg.teacher.hidden} x {cfg.teacher.layers}, {info['teacher_params'] / 1e6:.1f}M) | "
-             f"{teacher['rougeL']:.2f} | {teacher['nll']:.3f} | {teacher['kl']:.4f} | {teacher['top1']:.1%} | - |"]
+             f"{fmt(teacher['rougeL'], 2)} | {teacher['nll'][0]:.3f} | {teacher['kl'][0]:.4f} | {teacher['top1'][0]:.1%} | - |"]
     for m, t in table.items():
         lines.append(f"| {m} | {fmt(t['rougeL'], 2)} | {fmt(t['nll'], 3)} | {fmt(t['kl'], 3)} | "
                      f"{t['top1'][0]:.1%} ± {t['top1'][1]:.1%} | {t['train_seconds'][0]:.0f} |")
@@ -308,7 +309,7 @@ def plots(root: Path, table: dict[str, dict], teacher: dict, cfg: QualityConfig,
     for a, key, label in zip(ax, ("rougeL", "nll", "kl"), ("ROUGE-L on test (higher is better)", "NLL on dev (lower is better)",
                                                             "KL(teacher || student) on dev (lower is better)")):
         a.barh(names, [table[m][key][0] for m in names], xerr=[table[m][key][1] for m in names], color="#3366aa")
-        a.axvline(teacher[key], color="#aa3333", ls="--", label="teacher")
+        a.axvline(teacher[key][0], color="#aa3333", ls="--", label="teacher")
         a.set(title=label)
         a.invert_yaxis()
         a.legend(loc="lower right")
@@ -408,9 +409,9 @@ def quality(cfg: QualityConfig, command: str, docs: bool) -> dict:
         "each then `adakd eval`")
     tasks = [(m, s) for s in range(cfg.seeds) for m in cfg.methods]
     with ThreadPoolExecutor(cfg.jobs) as pool:
-        teacher_eval = pool.submit(_teacher_eval, teacher, root, cfg, log, threads)
+        teacher_evals = [pool.submit(_teacher_eval, teacher, root, cfg, s, log, threads) for s in range(cfg.seeds)]
         results = list(pool.map(lambda t: student_run(t[0], t[1], root, cfg, log, threads), tasks))
-        teacher_r = teacher_eval.result()
+        teacher_r = summarize([{**f.result(), "method": "teacher", "train_seconds": 0.0} for f in teacher_evals], ("teacher",))["teacher"]
     stamp["students_s"] = time.time() - t0
     table = summarize(results, cfg.methods)
     info = {"teacher_params": _params(teacher), "student_params": _params(root / "students" / slug(cfg.methods[0]) / "seed0" / "final"),
@@ -418,11 +419,13 @@ def quality(cfg: QualityConfig, command: str, docs: bool) -> dict:
     report = markdown(table, teacher_r, cfg, info)
     elapsed = time.time() - t_start
     sft = table.get("SFT (CE only)")
-    stronger = bool(sft and teacher_r["rougeL"] > sft["rougeL"][0] and teacher_r["nll"] < sft["nll"][0])
+    # "clearly": better by more than the two standard deviations together, on both measures
+    stronger = bool(sft and teacher_r["rougeL"][0] - sft["rougeL"][0] > teacher_r["rougeL"][1] + sft["rougeL"][1]
+                    and sft["nll"][0] - teacher_r["nll"][0] > sft["nll"][1])
     body = "\n\n".join([
         f"Command: `{command}` (preset `{'gpu' if cfg.teacher.layers > 4 else 'cpu'}`; {elapsed / 60:.0f} min on "
-        f"{os.cpu_count()} CPU cores; ROUGE-L over {cfg.test_limit or 500} test prompts, greedy, at most "
-        f"{cfg.max_new_tokens} new tokens).",
+        f"{os.cpu_count()} CPU cores; ROUGE-L over {cfg.test_limit or 500} test prompts, at most "
+        f"{cfg.max_new_tokens} new tokens, sampled at T = 1 as in MiniLLM / DistiLLM / AdaKD, one sampling seed per run).",
         f"Teacher Llama {cfg.teacher.hidden} x {cfg.teacher.layers} ({info['teacher_params'] / 1e6:.2f}M parameters), "
         f"student Llama {cfg.student.hidden} x {cfg.student.layers} ({info['student_params'] / 1e6:.2f}M, "
         f"{info['teacher_params'] / info['student_params']:.1f}x smaller), vocabulary {len(tok)}; one cache, "
@@ -438,19 +441,19 @@ def quality(cfg: QualityConfig, command: str, docs: bool) -> dict:
         write_docs(body, ROOT / "docs" / "results.md")
     print()
     print(report)
-    print(f"\nteacher stronger than SFT students (ROUGE-L and NLL): {stronger}; {elapsed / 60:.1f} min; {root}/results.md")
+    print(f"\nteacher clearly stronger than the SFT students (ROUGE-L and NLL): {stronger}; {elapsed / 60:.1f} min; {root}/results.md")
     return {"bench": "quality", "minutes": round(elapsed / 60, 1), "teacher": teacher_r, "teacher_stronger": stronger,
             "config": {**asdict(cfg), "methods": list(cfg.methods)}, **info, "stages_s": stamp,
             "methods": {m: {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()} for m, t in table.items()}}
 
 
-def _teacher_eval(teacher: Path, root: Path, cfg: QualityConfig, log, threads: int) -> dict:
-    done = root / "teacher_eval.json"
+def _teacher_eval(teacher: Path, root: Path, cfg: QualityConfig, seed: int, log, threads: int) -> dict:
+    done = root / f"teacher_eval_seed{seed}.json"
     if cfg.reuse and done.exists():
         return json.loads(done.read_text())
-    r = evaluate(teacher, root / "cache-dev", cfg, log, threads)
+    r = evaluate(teacher, root / "cache-dev", cfg, seed, log, threads)
     done.write_text(json.dumps(r))
-    log(f"  teacher: ROUGE-L {r['rougeL']:.2f}  dev NLL {r['nll']:.3f}")
+    log(f"  teacher, seed {seed}: ROUGE-L {r['rougeL']:.2f}  dev NLL {r['nll']:.3f}")
     return r
 
 

@@ -260,7 +260,8 @@ def test_generation_eval_scores_rouge_l(setup, tmp_path):
 
     out = tmp_path / "g"
     train(setup, out, "--max-steps", "2")
-    rows = [{"prompt": f"what is {w} and", "output": "the cat sat on the mat."} for w in ("one", "two", "three")]
+    # prompts of different lengths: batches are formed by length, results come back in input order
+    rows = [{"prompt": f"what is {w} and", "output": "the cat sat on the mat."} for w in ("one " * 9, "two", "three " * 4)]
     data = write_jsonl(tmp_path / "test.jsonl", rows)
     args = ["eval", "--model", str(out / "final"), "--data", str(data), "--max-new-tokens", "8", "--batch-size", "2"]
     r = CliRunner().invoke(cli.main, args + ["--out-file", str(tmp_path / "a.jsonl")])

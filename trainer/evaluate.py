@@ -97,10 +97,13 @@ def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, 
     max_prompt = max(8, int(getattr(model.config, "max_position_embeddings", 2048)) - max_new_tokens)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     torch.manual_seed(seed)
-    results = []
+    encoded = [tok(r["prompt"])["input_ids"][-max_prompt:] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))  # similar lengths together: little padding
+    results: list[dict] = [{}] * len(rows)
     for b in range(0, len(rows), batch_size):
-        chunk = rows[b:b + batch_size]
-        enc = [tok(r["prompt"])["input_ids"][-max_prompt:] for r in chunk]
+        idx = order[b:b + batch_size]
+        chunk = [rows[i] for i in idx]
+        enc = [encoded[i] for i in idx]
         T = max(len(e) for e in enc)
         ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -111,11 +114,11 @@ def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, 
                              do_sample=do_sample, temperature=temperature if do_sample else None,
                              top_p=top_p if do_sample else None, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
-        for r, seq in zip(chunk, out[:, T:]):
+        for i, r, seq in zip(idx, chunk, out[:, T:]):
             text = tok.decode(seq, skip_special_tokens=True).strip()
             score = scorer.score(r["output"], text)["rougeL"].fmeasure * 100
-            results.append({"prompt": r["prompt"], "reference": r["output"], "generation": text, "rougeL": score,
-                            "exact_match": text == r["output"].strip()})
+            results[i] = {"prompt": r["prompt"], "reference": r["output"], "generation": text, "rougeL": score,
+                          "exact_match": text == r["output"].strip()}
     if out_file:
         with open(out_file, "w", encoding="utf-8") as f:
             for r in results:
