@@ -190,6 +190,13 @@ class ShardFile:
             raise CacheCorruptError(f"{name}: not an adakd shard (missing {e.args[0]!r} metadata)") from e
         except Exception as e:
             raise CacheCorruptError(f"{name}: unreadable shard ({type(e).__name__}: {e})") from e
+        try:
+            self._check_header(table_bytes)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # reachable with checksums off or forged
+            raise CacheCorruptError(f"{name}: malformed shard header ({type(e).__name__}: {e})") from e
+
+    def _check_header(self, table_bytes: bytes) -> None:
+        name, enc = self.name, self.enc
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             from .errors import CacheVersionError
@@ -201,7 +208,7 @@ class ShardFile:
         if Encoding.from_json(self.meta["encoding"]) != enc:
             raise CacheCorruptError(f"{name}: shard encoding {self.meta['encoding']} differs from the manifest's")
         self.table = np.frombuffer(table_bytes, dtype="<u4").astype(np.int32)
-        if len(self.table) and (self.table.max() >= enc.vocab_size):
+        if len(self.table) and (self.table.max() >= enc.vocab_size or self.table.min() < 0):
             raise CacheCorruptError(f"{name}: id table holds ids outside the vocabulary ({enc.vocab_size})")
         self.block_rows: list[int] = list(self.meta["block_rows"])
         if self._reader.num_record_batches != len(self.block_rows):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from corruption import Damage, apply, build_pristine, fuzz, judge, snapshot, time_limit
 
-from storage import CacheCorruptError, CacheReader, verify_cache
+from storage import CacheCorruptError, CacheError, CacheReader, verify_cache
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,25 @@ def test_judge_catches_wrong_numbers(pristine, tmp_path):
     expected[min(expected)] = tuple(b"x" for _ in expected[min(expected)])
     outcome = judge(root, expected, [Damage("flip", "x")])
     assert not outcome.ok and outcome.read == "wrong numbers"
+
+
+@pytest.mark.parametrize("meta", [b"[]", b"not json", b'{"format_version": 1}', b'{"format_version": 1, "encoding": 5}',
+                                  b'{"format_version": 2}'])
+def test_forged_shard_header_is_a_clear_error(pristine, tmp_path, meta):
+    """A shard whose checksum was re-signed (or read with checksums off) but whose header is damaged."""
+    import pyarrow as pa
+
+    root = _damaged(pristine, tmp_path)
+    entry = CacheReader(root).shards[0]
+    shard = root / entry.file
+    table = pa.ipc.open_file(pa.BufferReader(shard.read_bytes())).read_all()
+    schema = table.schema.with_metadata({**table.schema.metadata, b"adakd.shard": meta})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as w:
+        w.write_table(table.replace_schema_metadata(schema.metadata))
+    shard.write_bytes(sink.getvalue().to_pybytes())
+    apply(root, Damage("forge", entry.file, {"flips": [], "truncate": None}))  # re-sign size and sha256
+    with pytest.raises(CacheError, match=entry.file):
+        list(CacheReader(root).stream())
+    report = verify_cache(root)
+    assert not report.ok and entry.file in report.problems[0]
