@@ -158,7 +158,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
         )
         check_writable(cfg.out)  # before any work
         result = train(cfg)
-    except (ValueError, TrainError, CheckpointError) as e:
+    except (ValueError, TrainError, CheckpointError, storage.CacheError) as e:  # CacheError: damage met mid-run
         raise click.ClickException(str(e)) from e
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]

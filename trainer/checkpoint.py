@@ -154,8 +154,9 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         state = json.loads((path / "state.json").read_text())
         opt_state = optimizer_state(load_file(str(path / "optimizer.safetensors")), state["param_groups"])
         rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e}); remove it or point --resume elsewhere") from e
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e}); delete this directory to resume from the one "
+                              "before, or train into another --out") from e
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
