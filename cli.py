@@ -137,10 +137,15 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             if name not in o:
                 raise click.ClickException(f"{config_file}: unknown option {key!r}")
             if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                o[name] = value
+                param = next(p for p in ctx.command.params if p.name == name)
+                o[name] = value if value is None else param.type_cast_value(ctx, value)  # YAML values get the option's type
     for req in ("cache", "student", "out"):
         if not o[req]:
             raise click.ClickException(f"--{req} is required (on the command line or in --config)")
+    for name, low in (("grad_accum", 1), ("batch_tokens", 1), ("chunk_positions", 1), ("epochs", 1), ("max_steps", 1),
+                      ("stop_after", 1), ("save_every", 0)):
+        if o[name] is not None and o[name] < low:
+            raise click.ClickException(f"--{name.replace('_', '-')} must be at least {low}, not {o[name]}")
     try:
         loss = LossConfig(
             loss=o["loss"], kd_weight=o["kd_weight"], temperature=o["temperature"], jsd_beta=o["jsd_beta"], skew=o["skew"],

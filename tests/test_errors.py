@@ -223,3 +223,15 @@ def test_eval_data_that_cannot_be_read(fault_training, tmp_path):
     fails(["eval", "--model", str(reference / "final"), "--data", str(tmp_path / "bad.jsonl")], "line 1: not JSON")
     (tmp_path / "empty.jsonl").write_text("")
     fails(["eval", "--model", str(reference / "final"), "--data", str(tmp_path / "empty.jsonl")], "no rows")
+
+
+@pytest.mark.parametrize("option,value", [("--grad-accum", "0"), ("--batch-tokens", "0"), ("--chunk-positions", "0"),
+                                          ("--epochs", "0"), ("--max-steps", "-1"), ("--stop-after", "0"),
+                                          ("--save-every", "-1")])
+def test_counts_below_their_minimum(train, option, value):
+    fails(train(option, value), f"{option} must be at least", f"not {value}")
+
+
+def test_config_file_values_get_the_options_types(train, tmp_path):
+    (tmp_path / "run.yaml").write_text("grad-accum: two\n")
+    fails(train("--config", str(tmp_path / "run.yaml")), "'two' is not a valid integer", code=2)
