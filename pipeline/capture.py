@@ -200,6 +200,10 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
 
     `engine` lets a caller (benchmarks, notebooks) reuse a loaded teacher; it is then not closed here.
     """
+    for opt, value, low in (("--num-workers", cfg.num_workers, 1), ("--max-length", cfg.max_length, 2),
+                            ("--batch-tokens", cfg.batch_tokens, 1), ("--shard-positions", cfg.shard_positions, 1)):
+        if value is not None and value < low:
+            raise EngineError(f"{opt} must be at least {low}, not {value}")
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise CacheError(f"--worker-index {cfg.worker_index} must be in 0..{cfg.num_workers - 1} (--num-workers {cfg.num_workers})")
     if cfg.k < 1:

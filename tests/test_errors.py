@@ -42,6 +42,12 @@ def test_max_length_beyond_the_teacher(capture):
     fails(capture("--max-length", "400"), "--max-length 400 exceeds what the teacher supports (255)")
 
 
+@pytest.mark.parametrize("option,value,low", [("--num-workers", "0", 1), ("--max-length", "-5", 2), ("--max-length", "1", 2),
+                                              ("--batch-tokens", "0", 1), ("--shard-positions", "0", 1)])
+def test_capture_counts_below_their_minimum(capture, option, value, low):
+    fails(capture(option, value), f"{option} must be at least {low}, not {value}")
+
+
 def test_unknown_engine_is_a_usage_error(capture):
     fails(capture("--engine", "tgi"), "Invalid value for '--engine'", code=2)
 
