@@ -116,6 +116,15 @@ def test_chat_data_with_a_tokenizer_without_chat_template(capture, fault_capture
     fails(capture(data=data, teacher=_teacher_copy(fault_capture, tmp_path, edit)), "has no chat template")
 
 
+def test_chat_template_that_does_not_render_turns_as_prefixes(capture, fault_capture, tmp_path):
+    def edit(d, conf):  # the newest turn first: a conversation's rendering is not its prefix's continuation
+        (d / "chat_template.jinja").write_text("{% for m in messages|reverse %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}")
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                                {"role": "assistant", "content": "b"}]}])
+    fails(capture(data=data, teacher=_teacher_copy(fault_capture, tmp_path, edit)),
+          "the chat template does not render turns as prefixes")
+
+
 def test_a_damaged_cache_at_the_output_is_named(capture, fault_capture, tmp_path):
     _, reference, _ = fault_capture
     out = tmp_path / "damaged"
@@ -144,7 +153,11 @@ def test_bad_config_file(train, tmp_path, yaml_text, words):
 
 
 @pytest.mark.parametrize("option,value,words", [("--kd-weight", "2", "--kd-weight must be within [0, 1], not 2.0"),
-                                                ("--temperature", "0", "--temperature must be positive, not 0.0")])
+                                                ("--temperature", "0", "--temperature must be positive, not 0.0"),
+                                                ("--jsd-beta", "2", "--jsd-beta must be within [0, 1], not 2.0"),
+                                                ("--skew", "-1", "--skew must be within [0, 1], not -1.0"),
+                                                ("--akl-mu", "5", "--akl-mu must be within [0, 1], not 5.0"),
+                                                ("--lr", "-1", "Invalid learning rate: -1.0")])
 def test_loss_options_out_of_range(train, option, value, words):
     fails(train(option, value), words)
 

@@ -40,6 +40,9 @@ class LossConfig:
             raise ValueError(f"--kd-weight must be within [0, 1], not {self.kd_weight}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be positive, not {self.temperature}")
+        for option, value in (("--jsd-beta", self.jsd_beta), ("--skew", self.skew), ("--akl-mu", self.akl_mu)):
+            if not 0.0 <= value <= 1.0:  # mixture weights and a mass: outside [0, 1] the divergence is NaN
+                raise ValueError(f"{option} must be within [0, 1], not {value}")
 
     def divergence_kwargs(self) -> dict:
         return {"jsd_beta": self.jsd_beta, "skew": self.skew, "akl_mu": self.akl_mu}
