@@ -38,8 +38,12 @@ def capture_moment(hit: str) -> str:
     """Where a capture kill landed, in words."""
     if hit.startswith("time"):
         return "random moment"
+    words = hit.split(": ", 1)[-1].split(" ")
+    name = words[-1] if hit.startswith("replace") else words[0]  # "before publishing NAME", "NAME half written"
+    if "." not in name:  # fsync of a directory after a rename, or the temp-dir probe of Python's tempfile
+        return "directory entry: before fsync" if hit.startswith("fsync") else "tempfile probe: torn write"
     what = ("shard" if ".arrow" in hit else "manifest" if "manifest-" in hit
-            else "tokenizer file" if "tokenizer" in hit or "chat_template" in hit else "start-up file")
+            else "tokenizer file" if "tokenizer" in hit or "chat_template" in hit else "other file")
     how = ("torn write" if "half written" in hit else "before publishing" if "before publishing" in hit
            else "just published" if "just after" in hit else "before fsync" if hit.startswith("fsync") else "?")
     return f"{what}: {how}"
