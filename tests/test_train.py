@@ -322,3 +322,28 @@ def test_live_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     other = build_teacher(tmp_path / "other", vocab_size=300)
     r = train(setup, tmp_path / "run", "--max-steps", "1", "--live-teacher", str(other), ok=False)
     assert r.exit_code == 1 and "--live-teacher" in r.output and "vocabulary" in r.output
+
+
+def test_checkpoint_with_unreadable_weights_is_named(setup, tmp_path):
+    out = tmp_path / "run"
+    train(setup, out, "--max-steps", "4", "--stop-after", "2")
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    weights = next((ckpt / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    r = train(setup, out, "--max-steps", "4", ok=False)
+    assert r.exit_code == 1 and "cannot read the checkpoint's weights" in r.output and weights.name in r.output
+
+
+def test_eval_of_a_directory_without_a_model_is_named(setup, tmp_path):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "output": "b"}])
+    r = CliRunner().invoke(cli.main, ["eval", "--model", str(tmp_path / "nothing"), "--data", str(data)])
+    assert r.exit_code == 1 and "--model" in r.output and "nothing" in r.output
+
+
+def test_final_student_is_replaced_whole(setup, tmp_path):
+    out = tmp_path / "run"
+    train(setup, out, "--max-steps", "2")
+    (out / "final" / "stale.txt").write_text("from an earlier save")
+    train(setup, out, "--max-steps", "2")  # complete: re-running writes final/ again, as a new directory
+    assert not (out / "final" / "stale.txt").exists() and list((out / "final").glob("*.safetensors"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]

@@ -9,7 +9,7 @@ from storage import CacheReader
 
 from .batches import batches
 from .losses import fkl, student_buckets, teacher_buckets
-from .student import cache_tokenizer, check_vocabulary, load_student, student_tokenizer
+from .student import StudentError, cache_tokenizer, check_vocabulary, load_student, student_tokenizer
 
 
 @torch.no_grad()
@@ -87,11 +87,14 @@ def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows = read_prompts(data, limit)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:  # never model code from the directory, and never transformers' interactive prompt about it
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise StudentError(f"--model {model_dir}: cannot load a model and tokenizer from it ({e})") from e
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     max_prompt = max(8, int(getattr(model.config, "max_position_embeddings", 2048)) - max_new_tokens)

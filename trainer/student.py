@@ -90,11 +90,25 @@ def check_vocabulary(student: torch.nn.Module, student_tok, teacher_tok, reader:
 
 
 def save_student(model: torch.nn.Module, tokenizer, out: str, state_dict: dict | None = None) -> None:
-    """A Hugging Face directory with safetensors weights: loads with AutoModelForCausalLM and vLLM."""
-    os.makedirs(out, exist_ok=True)
-    if state_dict is None:
-        model.save_pretrained(out, safe_serialization=True)
-    else:
-        model.save_pretrained(out, state_dict=dict(state_dict), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    """A Hugging Face directory with safetensors weights: loads with AutoModelForCausalLM and vLLM.
+
+    Written beside `out` and renamed into place, so a crash never leaves a torn directory that looks whole
+    (at worst `out` is missing until the run is repeated, which writes it again).
+    """
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+    try:
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

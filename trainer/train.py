@@ -138,7 +138,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         model = load_student(cfg.student, cfg.trust_remote_code, seed=cfg.seed)
         teacher_tok = cache_tokenizer(reader)
-        tok = student_tokenizer(cfg.student, teacher_tok)
+        tok = student_tokenizer(cfg.student, teacher_tok, cfg.trust_remote_code)
         check_vocabulary(model, tok, teacher_tok, reader)
     except StudentError as e:
         raise TrainError(str(e)) from e
@@ -328,11 +328,18 @@ def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, dev
 
 
 def _load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     sd: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise TrainError(f"{f}: cannot read the checkpoint's weights ({e}); remove {path.parent} to resume from the "
+                             "checkpoint before it, or --out a new directory to start over") from e
+    if not sd:
+        raise TrainError(f"{path}: the checkpoint has no weights; remove {path.parent} to resume from the one before it")
     return sd
 
 
