@@ -124,11 +124,21 @@ def accuracy(model_dir: Path, test_file: Path, out_file: Path) -> float:
     return r["exact_match"]
 
 
-def run(cmd: list[str], log) -> None:
+def bin_(name: str) -> str:
+    """The console script installed beside this Python (the venv's), else whatever PATH finds."""
+    return shutil.which(name, path=os.path.dirname(sys.executable)) or name
+
+
+def run(cmd: list[str], log, threads: int | None = None) -> str:
+    """Run a command as a user would, logging it; its stdout, or an error with the end of its output."""
     log("  $ " + shlex.join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
 
 
 def demo(cfg: DemoConfig) -> dict:
@@ -157,8 +167,6 @@ def demo(cfg: DemoConfig) -> dict:
     train_teacher(train, tok, out / "teacher", cfg.teacher_steps, cfg.seed, log)
     student_cfg = out / "student.json"
     student_cfg.write_text(json.dumps(model_config(len(tok), 64, 2, tok)))
-    exe = os.path.dirname(sys.executable)
-    bin_ = lambda name: shutil.which(name, path=exe) or name  # noqa: E731
     log("[3/5] cache-teacher")
     run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(out / "data" / "train.jsonl"),
          "--out", str(out / "cache"), "--top-k", "16", "--engine", cfg.engine, "--prompt-template", TEMPLATE,

@@ -24,7 +24,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from bench.common import SHARED
+from demo import bin_, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_TAG = "teacher"
@@ -211,21 +211,6 @@ def _pack(batch: list):
 
 
 # ---------------------------------------------------------------- 3-5. the real commands
-
-
-def bin_(name: str) -> str:
-    return shutil.which(name, path=os.path.dirname(sys.executable)) or name
-
-
-def run(cmd: list[str], log: Callable[[str], None], threads: int | None = None) -> str:
-    log("  $ " + shlex.join(cmd))
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r.stdout
 
 
 def cache_teacher(teacher: Path, data: Path, out: Path, cfg: QualityConfig, limit: int | None, log) -> None:

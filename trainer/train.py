@@ -210,10 +210,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 kd_vals, ce_vals, temps, sel, valid = [], [], [], 0, 0
                 for b in micro:
                     b = b.to(device)
-                    if live is not None:
-                        with autocast:
-                            b.targets = live.targets(b)
                     with autocast:
+                        if live is not None:
+                            b.targets = live.targets(b)
                         loss, o = net(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets, latf.ratio)
                     if not torch.isfinite(loss):
                         raise TrainError(f"step {step}: the loss is {loss.item()} (not finite); lower --lr or check "
