@@ -108,6 +108,7 @@ def _finish(code: int) -> None:
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient norm clipping; 0 to disable.")
 @click.option("--chunk-positions", type=int, default=1024, show_default=True, help="Positions per loss chunk (memory: chunk x vocabulary floats).")
+@click.option("--max-length", type=int, default=None, help="Cut cache sequences to this many tokens (for a student whose context is shorter than the cache's sequences; their later positions are not trained).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: at the end only).")
 @click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) after N steps in this run; re-run to continue (time-limited jobs).")
@@ -143,7 +144,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
         if not o[req]:
             raise click.ClickException(f"--{req} is required (on the command line or in --config)")
     for name, low in (("grad_accum", 1), ("batch_tokens", 1), ("chunk_positions", 1), ("epochs", 1), ("max_steps", 1),
-                      ("stop_after", 1), ("save_every", 0)):
+                      ("stop_after", 1), ("save_every", 0), ("max_length", 2)):
         if o[name] is not None and o[name] < low:
             raise click.ClickException(f"--{name.replace('_', '-')} must be at least {low}, not {o[name]}")
     try:
@@ -159,7 +160,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             batch_tokens=o["batch_tokens"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
             save_every=o["save_every"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
             tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
-            progress=not o["no_progress"], live_teacher=o["live_teacher"],
+            progress=not o["no_progress"], live_teacher=o["live_teacher"], max_length=o["max_length"],
         )
         check_writable(cfg.out)  # before any work
         result = train(cfg)
@@ -185,10 +186,11 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N prompts.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache evaluation batch size.")
-@click.option("--max-positions", type=int, default=None, help="Cache evaluation: at most this many positions.")
+@click.option("--max-positions", type=click.IntRange(min=1), default=None, help="Cache evaluation: at most this many positions.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Cache evaluation: cut sequences to this many tokens (a model with a shorter context).")
 def eval_cmd(model_dir: str, cache: str | None, data: str | None, out_file: str | None, max_new_tokens: int,
              batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int, limit: int | None,
-             batch_tokens: int, max_positions: int | None) -> None:
+             batch_tokens: int, max_positions: int | None, max_length: int | None) -> None:
     """Evaluate a student: on a held-out teacher cache (--cache) and/or by generation (--data)."""
     import json
 
@@ -200,7 +202,7 @@ def eval_cmd(model_dir: str, cache: str | None, data: str | None, out_file: str 
     result: dict = {}
     try:
         if cache:
-            r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions)
+            r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions, max_length=max_length)
             click.echo(f"cache: positions {r['positions']:,}  NLL {r['nll']:.4f}  KL(teacher||student) {r['kl']:.4f}  "
                        f"top-1 agreement {r['top1_agreement']:.2%}")
             result["cache"] = r

@@ -153,13 +153,37 @@ def resolved_dtype(cfg: CaptureConfig, engine: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def text_config(teacher_cfg):
+    """The language model's config: itself, or the text part of a multimodal wrapper (Gemma 3, LLaVA, ...)."""
+    getter = getattr(teacher_cfg, "get_text_config", None)
+    return getter() if callable(getter) else teacher_cfg
+
+
+def vocab_sizes(cfg: CaptureConfig, tok, teacher_cfg) -> tuple[int, int]:
+    """(the teacher's logit width, the tokenizer's real size), checked before the teacher loads.
+
+    Ids from the real size up to the width are padding (Qwen2.5, Llama-family multiples of 64/128): never
+    stored in the top-k; the mass the teacher puts on them goes to the tail.
+    """
+    width = getattr(text_config(teacher_cfg), "vocab_size", None)
+    if not isinstance(width, int) or width < 1:
+        raise EngineError(
+            f"the teacher {cfg.teacher!r} ({type(teacher_cfg).__name__}) states no output vocabulary size (vocab_size "
+            "in its config or its text_config); adakd needs it to size the cache. Pass a causal language model, or "
+            "set vocab_size in its config.json"
+        )
+    real = len(tok)
+    if real > width:
+        raise EngineError(f"the tokenizer has {real} tokens but the teacher only {width} outputs: they do not "
+                          "belong together; pass the teacher's own tokenizer (--tokenizer)")
+    if cfg.k > real:
+        raise EngineError(f"--top-k {cfg.k} is larger than the teacher's vocabulary ({real} tokens"
+                          + (f", {width - real} padded ids" if width > real else "") + ")")
+    return width, real
+
+
 def build_info(cfg: CaptureConfig, engine: str, tok, teacher_cfg, ds, max_length: int) -> CacheInfo:
-    vocab = int(getattr(teacher_cfg, "vocab_size", None) or len(tok))
-    if cfg.k > vocab:
-        raise EngineError(f"--top-k {cfg.k} is larger than the teacher's vocabulary ({vocab})")
-    if len(tok) > vocab:
-        raise EngineError(f"the tokenizer has {len(tok)} tokens but the teacher only {vocab} outputs: they do not "
-                          "belong together; pass the teacher's own tokenizer")
+    vocab, _ = vocab_sizes(cfg, tok, teacher_cfg)
     mapping = resolve_mapping(cfg.data, list(ds.column_names), cfg.data.source)
     template = cfg.data.prompt_template
     if mapping.shape == "chat":
@@ -181,18 +205,19 @@ def build_info(cfg: CaptureConfig, engine: str, tok, teacher_cfg, ds, max_length
     )
 
 
-def make_engine(cfg: CaptureConfig, engine: str, max_length: int) -> TeacherEngine:
+def make_engine(cfg: CaptureConfig, engine: str, max_length: int, info: CacheInfo) -> TeacherEngine:
+    real = info.tokenizer["vocab_size"]
     if engine == "hf":
         from .engine_hf import HFEngine
 
         return HFEngine(cfg.teacher, cfg.k, dtype=cfg.dtype, batch_tokens=cfg.batch_tokens or 8192,
-                        trust_remote_code=cfg.trust_remote_code)
+                        trust_remote_code=cfg.trust_remote_code, real_vocab=real)
     from .engine_vllm import VLLMEngine
 
     return VLLMEngine(cfg.teacher, cfg.k, max_model_len=max_length + 1, dtype=cfg.dtype,
                       tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
                       batch_tokens=cfg.batch_tokens or 65536, fast=cfg.vllm_fast_path,
-                      trust_remote_code=cfg.trust_remote_code)
+                      trust_remote_code=cfg.trust_remote_code, real_vocab=real)
 
 
 def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Summary:
@@ -212,7 +237,7 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
     engine_name = choose_engine(cfg.engine)
     tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
     teacher_cfg = load_teacher_config(cfg.teacher, cfg.trust_remote_code)
-    positions = int(getattr(teacher_cfg, "max_position_embeddings", 0) or 2048)
+    positions = int(getattr(text_config(teacher_cfg), "max_position_embeddings", 0) or 2048)
     max_length = cfg.max_length or positions - 1
     if max_length >= positions + (engine_name == "hf"):
         raise EngineError(f"--max-length {max_length} exceeds what the teacher supports ({positions - 1})")
@@ -239,7 +264,7 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
     owned = engine is None
     try:
         if engine is None:
-            engine = make_engine(cfg, engine_name, max_length)
+            engine = make_engine(cfg, engine_name, max_length, info)
         t0 = time.perf_counter()
         before = (counts.tokens, counts.positions)
         _run(cfg, ds, start, tokenizer, engine, writer, counts, todo)

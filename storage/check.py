@@ -118,17 +118,27 @@ def _all_blocks(reader):
         yield from load_shard(reader.dir, entry, reader.info).blocks()
 
 
+def _padding(info) -> str:
+    """How much of the teacher's logit width is padding beyond its tokenizer (the cache never stores those ids)."""
+    real = info.tokenizer.get("vocab_size")
+    if isinstance(real, int) and 0 < real < info.vocab_size:
+        return f" (teacher logits; tokenizer {real}, {info.vocab_size - real} padded ids)"
+    return ""
+
+
 def format_summary(s: Summary) -> str:
     info, t = s.manifest.info, s.totals
     done = sum(w.complete for w in s.manifest.workers.values())
     lines = [
         f"teacher        {info.teacher.get('name_or_path')}  ({info.teacher.get('fingerprint') or 'no fingerprint'})",
-        f"tokenizer      {info.tokenizer.get('name_or_path')}  vocab {info.vocab_size}  ({info.tokenizer.get('fingerprint')})",
+        f"tokenizer      {info.tokenizer.get('name_or_path')}  vocab {info.vocab_size}{_padding(info)}  "
+        f"({info.tokenizer.get('fingerprint')})",
         f"engine         {info.engine.get('name')} {info.engine.get('version', '')}  dtype {info.teacher.get('dtype', '?')}",
         f"targets        top-{info.k}  (log-prob step {info.encoding.lp_step:g} nats)",
         f"workers        {done}/{info.num_workers} complete",
         f"shards         {t['shards']}",
-        f"sequences      {t['sequences']:,}",
+        f"sequences      {t['sequences']:,}" + (f"  (longest {s.manifest.longest_sequence():,} tokens)"
+                                                    if s.manifest.longest_sequence() else ""),
         f"tokens         {t['tokens']:,}",
         f"trained pos.   {t['positions']:,}",
         f"bytes          {t['bytes']:,}  ({t['bytes'] / max(t['tokens'], 1):.1f}/token, "

@@ -86,11 +86,12 @@ class ShardEntry:
     sha256: str
     blocks: list[int]  # rows per block, so readers can partition without opening shards
     records: list[int]  # first and last record index
+    longest: int | None = None  # tokens in the shard's longest sequence (None: written before it was recorded)
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> "ShardEntry":
         try:
-            e = cls(**{k: d[k] for k in cls.__dataclass_fields__})
+            e = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d or k != "longest"})
         except (KeyError, TypeError) as err:
             raise CacheCorruptError(f"{where}: malformed shard entry {d!r}") from err
         safe_relpath(e.file, f"{where}: shard file")
@@ -98,6 +99,8 @@ class ShardEntry:
         if (counts is None or not all(_count(x) for x in counts) or not isinstance(e.sha256, str)
                 or not isinstance(e.records, list) or len(e.records) != 2 or not all(_count(x) for x in e.records)):
             raise CacheCorruptError(f"{where}: shard {e.file}: malformed entry (counts must be non-negative integers) {d!r}")
+        if e.longest is not None and not _count(e.longest):
+            raise CacheCorruptError(f"{where}: shard {e.file}: malformed entry (longest must be a non-negative integer)")
         if sum(e.blocks) != e.rows:
             raise CacheCorruptError(f"{where}: shard {e.file} block rows do not add up to {e.rows}")
         return e
@@ -201,6 +204,11 @@ class CacheManifest:
             "shards": len(s), "sequences": sum(e.rows for e in s), "tokens": sum(e.tokens for e in s),
             "positions": sum(e.positions for e in s), "bytes": sum(e.bytes for e in s),
         }
+
+    def longest_sequence(self) -> int | None:
+        """Tokens in the cache's longest sequence; None when a shard predates the record of it."""
+        lengths = [e.longest for e in self.shards]
+        return None if not lengths or None in lengths else max(lengths)
 
 
 def load_manifest(cache: CacheDir) -> CacheManifest:

@@ -174,6 +174,7 @@ class CacheWriter:
         self.manifest.shards.append(ShardEntry(
             file=name, rows=stats.rows, tokens=stats.tokens, positions=stats.positions, bytes=len(data),
             sha256=hashlib.sha256(data).hexdigest(), blocks=stats.blocks, records=stats.records,
+            longest=max(len(q.input_ids) for q in self._buffer),
         ))
         self.manifest.progress = dict(self._progress)
         self._write_manifest()

@@ -166,6 +166,41 @@ def test_chunked_gradients_equal_dense_autograd(data, name):
     torch.testing.assert_close(w1.grad, w2.grad)
 
 
+@pytest.mark.parametrize("scale,softcap,ada", [(1.0, None, False), (0.37, None, False), (2.5, None, True),
+                                                (1.0, 3.0, False), (1.0, 2.0, True)])
+def test_head_bias_scale_and_softcap_gradients_equal_dense_autograd(data, scale, softcap, ada):
+    """Phi's output bias, Cohere/Granite logit scaling and Gemma 2's final soft-cap: the chunked loss's hand-written
+    gradient goes through them exactly as autograd does through the model's own formula."""
+    from trainer.head import OutputHead
+
+    hidden, weight, teacher, labels = data
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cfg = LossConfig(loss="fkl", kd_weight=0.6, temperature=1.3, chunk_positions=4,
+                     adakd=AdaKDConfig(latf=ada, idts=ada))
+    h1, w1, b1 = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    out = kd_loss(h1, OutputHead(w1, b1, scale, softcap), full_targets(teacher, labels, k=5), cfg, LATFState(ratio=0.7))
+    out.loss.backward()
+    h2, w2, b2 = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    z = (h2 @ w2.t() + b2) * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    with torch.no_grad():  # the reference: the same selection and temperatures, on the model's own logits
+        from trainer.kd_loss import difficulties
+
+        s = difficulties(hidden, OutputHead(weight, bias, scale, softcap), full_targets(teacher, labels, k=5), 4)
+        sel = select(s, 0.7) if ada else torch.arange(len(s))
+        T = idts_temperatures(s[sel], 1.3, 0.5) if ada else torch.full((len(sel),), 1.3, dtype=torch.float64)
+    t5 = full_targets(teacher, labels, k=5)
+    lp = teacher_buckets(t5.topk_logprobs[sel], t5.tail_logmass[sel], V, T)
+    lq = student_buckets(z[sel], t5.topk_ids[sel], T)
+    d = DIVERGENCES["fkl"](lp, lq)
+    loss = 0.6 * (T ** 2 * d).mean() + 0.4 * torch.nn.functional.cross_entropy(z, labels)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    for ours, ref in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(ours.grad, ref.grad)
+
+
 def test_gradcheck_numerically(data):
     hidden, weight, teacher, labels = data
     t = full_targets(teacher, labels, k=4)

@@ -56,12 +56,32 @@ def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor) -> Bat
                  int(mask.sum()), cursor)
 
 
-def batches(stream: SequenceStream, batch_tokens: int, vocab_size: int) -> Iterator[Batch]:
-    """Greedy token-budget batches (rows x longest <= batch_tokens; a longer sequence goes alone)."""
+def truncate(seq: SequenceTargets, max_length: int) -> SequenceTargets | None:
+    """The first `max_length` tokens and the targets of the trained positions among them; None if none is left."""
+    if len(seq.input_ids) <= max_length:
+        return seq
+    mask = seq.loss_mask[:max_length]
+    n = int(mask.sum())
+    if n == 0:
+        return None
+    extras = {k: v[:n] for k, v in seq.extras.items()}
+    tail = seq.tail_logmass[:n] if seq.tail_logmass is not None else None
+    return SequenceTargets(seq.record, seq.input_ids[:max_length], mask, seq.topk_ids[:n], seq.topk_logprobs[:n],
+                           seq.target_logprob[:n], tail, extras)
+
+
+def batches(stream: SequenceStream, batch_tokens: int, vocab_size: int, max_length: int | None = None) -> Iterator[Batch]:
+    """Greedy token-budget batches (rows x longest <= batch_tokens; a longer sequence goes alone), sequences cut
+    to `max_length` tokens when given."""
     cur: list[SequenceTargets] = []
     longest = 0
     last_cursor = stream.cursor
     for seq in stream:
+        if max_length is not None:
+            seq = truncate(seq, max_length)
+            if seq is None:
+                last_cursor = stream.cursor
+                continue
         n = len(seq.input_ids)
         if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
             yield collate(cur, vocab_size, last_cursor)

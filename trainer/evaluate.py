@@ -8,31 +8,39 @@ import torch
 from storage import CacheReader
 
 from .batches import batches
+from .head import final_hidden, output_head
 from .losses import fkl, student_buckets, teacher_buckets
-from .student import StudentError, cache_tokenizer, check_vocabulary, load_student, student_tokenizer
+from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, student_tokenizer,
+                      target_vocab)
 
 
 @torch.no_grad()
 def evaluate_cache(model_dir: str, cache: str, batch_tokens: int = 8192, chunk: int = 1024,
-                   max_positions: int | None = None) -> dict[str, float]:
+                   max_positions: int | None = None, max_length: int | None = None) -> dict[str, float]:
+    """The model's own logits (bias, scaling, soft-cap included) against the cached targets, at most
+    `max_positions` trained positions in cache order."""
     reader = CacheReader(cache)
-    model = load_student(model_dir)
+    model = load_student(model_dir, option="--model")
     teacher_tok = cache_tokenizer(reader)
     check_vocabulary(model, student_tokenizer(model_dir, teacher_tok), teacher_tok, reader)
+    check_context(model, reader, max_length, option="--model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    base = getattr(model, model.base_model_prefix)
-    weight = model.get_output_embeddings().weight
-    vocab = weight.shape[0]
+    head = output_head(model)
+    vocab = target_vocab(reader.info.k, reader.info.vocab_size, head.vocab_size)
     nll = kl = agree = 0.0
     n = 0
-    for b in batches(reader.stream(), batch_tokens, vocab):
+    stream = reader.stream()
+    for b in batches(stream, batch_tokens, vocab, max_length):
         b = b.to(device)
-        hidden = base(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state[b.rows, b.cols]
+        hidden = final_hidden(model, b.input_ids, b.attention_mask)[b.rows, b.cols]
         t = b.targets
+        if max_positions and n + hidden.shape[0] > max_positions:  # exactly max_positions in all
+            keep = torch.arange(max_positions - n, device=hidden.device)
+            hidden, t = hidden[keep], t.index(keep)
         for c in range(0, hidden.shape[0], chunk):
             sl = slice(c, c + chunk)
-            z = (hidden[sl] @ weight.t()).float()
+            z = head.logits(hidden[sl])
             nll += torch.nn.functional.cross_entropy(z, t.labels[sl], reduction="sum").item()
             lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size)
             kl += fkl(lp, student_buckets(z, t.topk_ids[sl])).sum().item()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adakd import AdaKDConfig, LATFState, idts_temperatures, select
+from .head import OutputHead
 from .losses import NEG_INF, divergence, hellinger, teacher_buckets
 
 
@@ -72,11 +73,6 @@ class LossOutput:
     temperatures: torch.Tensor  # (selected,), detached
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    z = h @ weight.to(h.dtype).t()
-    return z if z.dtype == torch.float64 else z.float()
-
-
 def _student_stats(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor, ids: torch.Tensor):
     """From e = exp(z/T - m) (modified in place: zeroed at `ids`): log-probs of the k + 1 buckets, and sums."""
     s = e.sum(-1, keepdim=True)
@@ -114,12 +110,12 @@ def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 
 
 
 @torch.no_grad()
-def difficulties(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, chunk: int) -> torch.Tensor:
+def difficulties(hidden: torch.Tensor, head: OutputHead, t: Targets, chunk: int) -> torch.Tensor:
     """Hellinger distance between teacher and student on the coarse support, at temperature 1."""
     out = []
     for c in range(0, hidden.shape[0], chunk):
         sl = slice(c, c + chunk)
-        out.append(_difficulty_from_logits(_logits(hidden[sl], weight), t, sl))
+        out.append(_difficulty_from_logits(head.logits(hidden[sl]), t, sl))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -174,51 +170,66 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """sum_i w_kd[i] * D_i(T_i) + w_ce[i] * CE_i, with gradients made chunk by chunk in forward."""
+    """sum_i w_kd[i] * D_i(T_i) + w_ce[i] * CE_i, with gradients made chunk by chunk in forward.
+
+    The gradient w.r.t. the logits z goes back through the head's post-processing (scale, soft-cap) to
+    u = h W^T + b, then onto h, W and b.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, t: Targets, temps, w_kd, w_ce, cfg: LossConfig, sums: dict, logits=None,
-                row_max=None):
+    def forward(ctx, hidden, weight, bias, t: Targets, temps, w_kd, w_ce, cfg: LossConfig, sums: dict,
+                scale: float, softcap: float | None, logits=None, row_max=None):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         kd_sum = torch.zeros((), dtype=acc, device=hidden.device)
         ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
         use_ce = bool((w_ce != 0).any())
         use_kd = bool((w_kd != 0).any())
-        w_compute = weight.to(hidden.dtype)
+        head = OutputHead(weight.to(hidden.dtype), bias, scale, softcap)
         chunk = hidden.shape[0] if logits is not None else cfg.chunk_positions
         for c in range(0, hidden.shape[0], chunk):
             sl = slice(c, c + chunk)
             h = hidden[sl]
-            z = logits if logits is not None else _logits(h, w_compute)
+            z = logits if logits is not None else head.logits(h)
+            slope = head.local_slope(z)  # before z's buffer becomes the gradient
             g, part, kd_c, ce_c = _chunk_loss_and_grad(z, t, sl, temps[sl], w_kd[sl], w_ce[sl], cfg, use_kd, use_ce,
                                                        row_max if logits is not None else None)
             total += part
             kd_sum += kd_c
             ce_sum += ce_c
-            g = g.to(hidden.dtype)
-            grad_h[sl] = g @ w_compute
+            g = head.to_linear_grad(g, slope).to(hidden.dtype)
+            grad_h[sl] = g @ head.weight
             grad_w.addmm_(g.t().to(acc), h.to(acc))
-            del g, z
+            if grad_b is not None:
+                grad_b += g.sum(0, dtype=acc)
+            del g, z, slope
         sums["kd"], sums["ce"] = float(kd_sum), float(ce_sum)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.has_bias = grad_b is not None
+        saved = (grad_h, grad_w.to(weight.dtype)) + ((grad_b.to(bias.dtype),) if grad_b is not None else ())
+        ctx.save_for_backward(*saved)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None, None
+        grad_h, grad_w, *rest = ctx.saved_tensors
+        grad_b = rest[0] * grad_out if ctx.has_bias else None
+        return (grad_h * grad_out, grad_w * grad_out, grad_b) + (None,) * 10
 
 
-def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossConfig,
+def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, cfg: LossConfig,
             latf: LATFState | None = None) -> LossOutput:
-    """The loss at the N valid positions given their final hidden states (N, H) and the output weight (V, H)."""
+    """The loss at the N valid positions given their final hidden states (N, H) and the student's output
+    layer (an OutputHead, or a bare (V, H) weight)."""
+    if isinstance(head, torch.Tensor):
+        head = OutputHead(head)
+    weight = head.weight
     N = hidden.shape[0]
     a = cfg.kd_weight
     if N == 0:
-        zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0 + (head.bias.sum() * 0.0 if head.bias is not None else 0.0)
         return LossOutput(zero, 0.0, 0.0, 0, 0, hidden.new_zeros(0, dtype=torch.float32))
     ada = cfg.adakd
     dev = hidden.device
@@ -228,12 +239,13 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossCon
     if a > 0 and ada.enabled:
         if N <= cfg.chunk_positions:  # one chunk: make the logits once, for both passes
             with torch.no_grad():
-                logits = _logits(hidden.detach(), weight.detach())
+                logits = OutputHead(weight.detach(), head.bias.detach() if head.bias is not None else None,
+                                    head.scale, head.softcap).logits(hidden.detach())
                 maxima: list = []
                 s = _difficulty_from_logits(logits, t, slice(0, N), row_max=maxima)
                 row_max = torch.cat(maxima)
         else:
-            s = difficulties(hidden.detach(), weight.detach(), t, cfg.chunk_positions)
+            s = difficulties(hidden.detach(), head, t, cfg.chunk_positions)
         if ada.latf:
             idx = select(s, latf.ratio if latf is not None else 1.0)
         if ada.idts:
@@ -259,6 +271,7 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, t: Targets, cfg: LossCon
     tt = t if whole else t.index(pos)
     if logits is not None and not whole:
         logits, row_max = logits.index_select(0, pos), row_max.index_select(0, pos)
-    loss = _ChunkedLoss.apply(h, weight, tt, temps, w_kd, w_ce, cfg, sums, logits, row_max)
+    loss = _ChunkedLoss.apply(h, weight, head.bias, tt, temps, w_kd, w_ce, cfg, sums, head.scale, head.softcap, logits,
+                              row_max)
     return LossOutput(loss, sums["kd"] / n if a > 0 else 0.0, sums["ce"] / N if a < 1 else 0.0, N, n if a > 0 else 0,
                       temps_sel.detach())

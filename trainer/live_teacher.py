@@ -1,8 +1,9 @@
 """Targets from a teacher run beside the student, over its whole vocabulary (no cached top-k).
 
 The reference point for what the sparse cache costs: the batches (tokens, trained positions, order) still
-come from the cache, but each position's target is the live teacher's exact distribution (k = V, empty
-tail), so every loss is computed exactly. It needs the teacher in the training job's memory, which is
+come from the cache, but each position's target is the live teacher's exact distribution over its real
+vocabulary (k = the tokenizer's size; the tail holds only what it puts on padded ids, empty when it has
+none), so every loss is computed exactly. It needs the teacher in the training job's memory, which is
 what the cache exists to avoid; use it to measure, not to train at scale.
 """
 
@@ -10,33 +11,44 @@ from __future__ import annotations
 
 import torch
 
+from storage import CacheInfo
+
 from .batches import Batch
+from .head import HeadError, check_head, final_hidden
 from .kd_loss import Targets
 from .losses import NEG_INF
-from .student import StudentError
+from .student import StudentError, real_vocab_size, target_vocab
 
 
 class LiveTeacher:
-    def __init__(self, path: str, vocab_size: int, device: torch.device, trust_remote_code: bool = False):
+    def __init__(self, path: str, info: CacheInfo, student_outputs: int, device: torch.device,
+                 trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            self.head = check_head(model, "live teacher")
+        except HeadError as e:
+            raise StudentError(f"--live-teacher {path}: {e}") from e
         except (OSError, ValueError) as e:
             raise StudentError(f"--live-teacher {path}: cannot load the teacher ({e})") from e
-        size = model.get_output_embeddings().weight.shape[0]
-        if size != vocab_size:
-            raise StudentError(f"--live-teacher {path}: its vocabulary has {size} entries, the student's {vocab_size}; "
-                               "use the teacher that wrote the cache")
+        width = self.head.vocab_size
+        if width != info.vocab_size:
+            raise StudentError(f"--live-teacher {path}: its output vocabulary has {width} entries, the cache's teacher "
+                               f"{info.vocab_size}; use the teacher that wrote the cache")
         self.model = model.to(device).eval().requires_grad_(False)
-        self.base = getattr(model, model.base_model_prefix)
-        self.weight = model.get_output_embeddings().weight
+        self.head = check_head(self.model, "live teacher")
+        self.real = real_vocab_size(info)
+        self.vocab_size = target_vocab(self.real, width, student_outputs)
 
     @torch.no_grad()
     def targets(self, b: Batch) -> Targets:
-        """The teacher's full log-probabilities at the batch's trained positions, sorted (top-k with k = V)."""
-        hidden = self.base(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state[b.rows, b.cols]
-        lp = torch.log_softmax((hidden @ self.weight.t()).float(), dim=-1)
-        values, ids = lp.sort(dim=-1, descending=True)
-        tail = torch.full((lp.shape[0],), NEG_INF, device=lp.device)
-        return Targets(ids, values, tail, b.targets.labels, b.targets.vocab_size)
+        """The teacher's log-probabilities of every real token at the batch's trained positions, sorted."""
+        hidden = final_hidden(self.model, b.input_ids, b.attention_mask)[b.rows, b.cols]
+        lp = torch.log_softmax(self.head.logits(hidden), dim=-1)
+        values, ids = lp[:, :self.real].sort(dim=-1, descending=True)
+        if lp.shape[-1] > self.real:  # padded ids: their mass is the tail, as in a cache
+            tail = torch.logsumexp(lp[:, self.real:], dim=-1)
+        else:
+            tail = torch.full((lp.shape[0],), NEG_INF, device=lp.device)
+        return Targets(ids, values, tail, b.targets.labels, self.vocab_size)

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import torch
 
-from storage import CacheReader
+from storage import CacheInfo, CacheReader
+
+from .head import HeadError, check_head
 
 
 class StudentError(Exception):
     """The student cannot be trained on this cache; the message says why and what to do."""
 
 
-def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0) -> torch.nn.Module:
-    """A directory with weights -> pretrained; a config.json (or a directory with only one) -> random init."""
+def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0, option: str = "--student") -> torch.nn.Module:
+    """A directory with weights -> pretrained; a config.json (or a directory with only one) -> random init.
+
+    The model's output layer is checked against its own forward once (`check_head`): a family whose logits
+    the chunked loss cannot reproduce is refused here, before any training.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(spec)
@@ -27,18 +33,46 @@ def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0) -> t
         else:
             cfg_file = path / "config.json" if path.is_dir() else path
             if not cfg_file.is_file():
-                raise StudentError(f"--student {spec!r}: neither a model directory nor a config file")
+                raise StudentError(f"{option} {spec!r}: neither a model directory nor a config file")
             config = AutoConfig.from_pretrained(str(cfg_file if path.is_dir() else path), trust_remote_code=trust_remote_code)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except StudentError:
         raise
     except Exception as e:
-        raise StudentError(f"cannot load the student {spec!r} ({type(e).__name__}: {e})") from e
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, attr, None) not in (None, 0, 1, 1.0):
-            raise StudentError(f"students with {attr} are not supported by the chunked loss yet")
+        raise StudentError(f"{option} {spec!r}: cannot load the model ({type(e).__name__}: {e})") from e
+    try:
+        check_head(model, "student" if option == "--student" else "model")
+    except HeadError as e:
+        raise StudentError(f"{option} {spec}: {e}") from e
     return model
+
+
+def real_vocab_size(info: CacheInfo, teacher_tok=None) -> int:
+    """Tokens the teacher's tokenizer really has; ids from here to the logit width are padding."""
+    if teacher_tok is not None:
+        return len(teacher_tok)
+    return int(info.tokenizer.get("vocab_size") or info.vocab_size)
+
+
+def target_vocab(k: int, teacher_width: int, student_outputs: int) -> int:
+    """The vocabulary size the tail bucket is measured against (`Targets.vocab_size`).
+
+    Outputs outside the cached top-k form one tail bucket on both sides: the teacher's tail includes any
+    mass it put on its padded ids, the student's includes its own padded outputs, so their logits stay in
+    the softmax and are pushed down like any other unlikely token. When the top-k already covers every
+    student output, the student has no tail to match and the teacher's (padding-only) tail is dropped.
+    """
+    if student_outputs <= k:
+        return k
+    return max(teacher_width, student_outputs)
+
+
+def _token_names(tok, ids: range, limit: int = 4) -> str:
+    if tok is None:
+        return ""
+    names = tok.convert_ids_to_tokens(list(ids[:limit]))
+    return " (" + ", ".join(repr(n) for n in names) + (", ..." if len(ids) > limit else "") + ")"
 
 
 def cache_tokenizer(reader: CacheReader):
@@ -81,11 +115,44 @@ def check_vocabulary(student: torch.nn.Module, student_tok, teacher_tok, reader:
 
         if tokenizer_fingerprint(student_tok) != info.tokenizer.get("fingerprint"):
             raise StudentError("the cache holds no tokenizer and the student's differs from the teacher's fingerprint")
-    vocab = len(teacher_tok) if teacher_tok is not None else int(info.tokenizer.get("vocab_size", info.vocab_size))
+    vocab = real_vocab_size(info, teacher_tok)
     if n_out < vocab:
+        missing = range(n_out, vocab)
         raise StudentError(
-            f"the student has {n_out} outputs but the teacher's tokenizer has {vocab} tokens; the student's "
-            "embedding must cover the teacher's vocabulary (larger, padded embeddings are fine)"
+            f"the student has {n_out} outputs but the teacher's tokenizer has {vocab} tokens: ids "
+            f"{missing.start}..{missing.stop - 1}{_token_names(teacher_tok, missing)} have no student output. The "
+            f"student's output layer must cover the teacher's real vocabulary ({vocab}); larger, padded ones are fine "
+            f"(the cache's teacher logits are {info.vocab_size} wide)"
+        )
+
+
+def context_size(model: torch.nn.Module) -> int | None:
+    """Positions the model was built for (max_position_embeddings / n_positions), when its config says."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model: torch.nn.Module, reader: CacheReader, max_length: int | None, option: str = "--student") -> None:
+    """A model shorter than the cache's sequences would index past its position table (absolute positions) or
+    run past what it was trained for (RoPE): refuse before any work, unless --max-length truncates."""
+    positions = context_size(model)
+    if positions is None:
+        return
+    if max_length is not None:
+        if max_length > positions:
+            raise StudentError(f"--max-length {max_length} is longer than the {option} model's context ({positions} "
+                               f"positions); use --max-length {positions} or less")
+        return
+    longest = reader.manifest.longest_sequence()
+    known = longest is not None
+    longest = longest if known else reader.info.max_length
+    if longest is not None and longest > positions:
+        size = f"has {longest:,} tokens" if known else f"may have up to {longest:,} tokens (its --max-length)"
+        raise StudentError(
+            f"the cache's longest sequence {size}, but the {option} model handles {positions:,} positions "
+            f"(max_position_embeddings); pass --max-length {positions} to truncate longer sequences, or use a model "
+            "with a longer context"
         )
 
 

@@ -23,8 +23,10 @@ from storage import CacheError, CacheReader, Cursor
 from .adakd import AdaKDConfig, LATFState, latf_update
 from .batches import Batch, batches
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
+from .head import final_hidden, output_head
 from .kd_loss import LossConfig, kd_loss
-from .student import StudentError, cache_tokenizer, check_vocabulary, load_student, student_tokenizer
+from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, student_tokenizer,
+                      target_vocab)
 
 
 class TrainError(Exception):
@@ -58,6 +60,7 @@ class TrainConfig:
     progress: bool = True
     trust_remote_code: bool = False
     live_teacher: str | None = None  # teacher dir: exact full-vocabulary targets computed live (measurement only)
+    max_length: int | None = None  # cut longer cache sequences to this many tokens (a student with a shorter context)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,10 +101,8 @@ class StudentLoss(torch.nn.Module):
         self.cfg = cfg
 
     def forward(self, input_ids, attention_mask, rows, cols, targets, latf_ratio: float):
-        base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        out = kd_loss(hidden[rows, cols], self.model.get_output_embeddings().weight, targets, self.cfg,
-                      LATFState(ratio=latf_ratio))
+        hidden = final_hidden(self.model, input_ids, attention_mask)
+        out = kd_loss(hidden[rows, cols], output_head(self.model), targets, self.cfg, LATFState(ratio=latf_ratio))
         return out.loss, out
 
 
@@ -115,7 +116,16 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int) -> int:
     """Micro-batches in one epoch of this rank (decodes the rank's whole share: only for --epochs)."""
-    return sum(1 for _ in batches(reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0), cfg.batch_tokens, vocab))
+    stream = reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0)
+    return sum(1 for _ in batches(stream, cfg.batch_tokens, vocab, cfg.max_length))
+
+
+def check_ids(b: Batch, outputs: int, cache: str) -> None:
+    """Every cached id must be a student output (caches from before the padding rule may hold padded ids)."""
+    top = int(b.targets.topk_ids.max()) if b.targets.topk_ids.numel() else -1
+    if top >= outputs:
+        raise TrainError(f"{cache}: the cache holds teacher id {top}, beyond the student's {outputs} outputs (a padded "
+                         "id, stored by an adakd before 0.2); rebuild the cache with this cache-teacher")
 
 
 NOT_ENOUGH_DATA = "{cache}: not enough data for one optimizer step on each of {world} rank(s)"
@@ -140,16 +150,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         teacher_tok = cache_tokenizer(reader)
         tok = student_tokenizer(cfg.student, teacher_tok, cfg.trust_remote_code)
         check_vocabulary(model, tok, teacher_tok, reader)
+        check_context(model, reader, cfg.max_length)
     except StudentError as e:
         raise TrainError(str(e)) from e
-    vocab = model.get_output_embeddings().weight.shape[0]
+    outputs = model.get_output_embeddings().weight.shape[0]
+    vocab = target_vocab(reader.info.k, reader.info.vocab_size, outputs)
     model.to(device).train()
     live = None
     if cfg.live_teacher:
         from .live_teacher import LiveTeacher
 
         try:
-            live = LiveTeacher(cfg.live_teacher, vocab, device, cfg.trust_remote_code)
+            live = LiveTeacher(cfg.live_teacher, reader.info, outputs, device, cfg.trust_remote_code)
         except StudentError as e:
             raise TrainError(str(e)) from e
     net = StudentLoss(model, cfg.loss)
@@ -193,7 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             seed = cfg.seed + epoch
             resume_at = cursor if cursor and cursor.seed == seed else None
             stream = reader.stream(rank=rank, world=world, seed=seed, cursor=resume_at)
-            it = batches(stream, cfg.batch_tokens, vocab)
+            it = batches(stream, cfg.batch_tokens, vocab, cfg.max_length)
             epoch_steps = 0
             while step < stop_at:
                 micro = []
@@ -209,6 +221,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     g["lr"] = lr
                 kd_vals, ce_vals, temps, sel, valid = [], [], [], 0, 0
                 for b in micro:
+                    check_ids(b, outputs, cfg.cache)
                     b = b.to(device)
                     with autocast:
                         if live is not None:
