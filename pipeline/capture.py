@@ -19,7 +19,7 @@ from storage import CacheError, CacheInfo, CacheWriter, Encoding, SequenceTarget
 
 from .data import DataError, DataSpec, iter_records, load_dataset, resolve_mapping, validate_records
 from .data import fingerprint as data_fingerprint
-from .engine import EngineError, Scored, TeacherEngine, vllm_available
+from .engine import EngineError, Scored, TeacherEngine, check_vocab, vllm_available
 from .identity import package_version, teacher_fingerprint, tokenizer_fingerprint
 from .tokens import RecordTokenizer, Skipped, Tokenized
 
@@ -172,13 +172,11 @@ def vocab_sizes(cfg: CaptureConfig, tok, teacher_cfg) -> tuple[int, int]:
             "in its config or its text_config); adakd needs it to size the cache. Pass a causal language model, or "
             "set vocab_size in its config.json"
         )
-    real = len(tok)
-    if real > width:
-        raise EngineError(f"the tokenizer has {real} tokens but the teacher only {width} outputs: they do not "
-                          "belong together; pass the teacher's own tokenizer (--tokenizer)")
-    if cfg.k > real:
-        raise EngineError(f"--top-k {cfg.k} is larger than the teacher's vocabulary ({real} tokens"
-                          + (f", {width - real} padded ids" if width > real else "") + ")")
+    real = check_vocab(cfg.k, width, len(tok))
+    if cfg.engine == "vllm" or (cfg.engine == "auto" and vllm_available()):
+        from .engine_vllm import logprobs_to_request
+
+        logprobs_to_request(cfg.k, width, real)  # too much padding for vLLM: refused before any work
     return width, real
 
 

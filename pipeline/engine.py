@@ -27,7 +27,8 @@ class Scored:
 class TeacherEngine(Protocol):
     name: str
     version: str
-    vocab_size: int  # size of the teacher's output distribution
+    vocab_size: int  # width of the teacher's logits (padded ids included)
+    real_vocab: int  # ids below it are real tokens; the rest are padding, never stored in the top-k
     batch_tokens: int  # how many tokens one `score` call should get
 
     def score(self, batch: list[Tokenized]) -> list[Scored]: ...
@@ -42,6 +43,19 @@ def vllm_available() -> bool:
         return importlib.util.find_spec("vllm") is not None
     except Exception:
         return False
+
+
+def check_vocab(k: int, width: int, real_vocab: int | None) -> int:
+    """The number of real ids: `width` logits, of which ids >= `real_vocab` (the tokenizer's size) are padding
+    that the cache never stores. Refuses a tokenizer larger than the logits and a k larger than the real ids."""
+    real = width if real_vocab is None else int(real_vocab)
+    if not 1 <= real <= width:
+        raise EngineError(f"the tokenizer has {real} tokens but the teacher only {width} outputs: they do not "
+                          "belong together; pass the teacher's own tokenizer (--tokenizer)")
+    if k > real:
+        padded = f" ({width - real} more outputs are padding)" if real < width else ""
+        raise EngineError(f"--top-k {k} is larger than the teacher's vocabulary ({real}){padded}")
+    return real
 
 
 def trained_rows(seq: Tokenized) -> np.ndarray:

@@ -1,15 +1,20 @@
 """The transformers engine: the reference, and the embedded default where vLLM is absent.
 
-Batched forward with the output projection applied only at the positions needed (`logits_to_keep`),
-then log_softmax in float32 and top-k on the device, a chunk of positions at a time.
+Batched forward in which the output layer sees only the (row, position) pairs that are trained: a
+forward pre-hook on the model's output embeddings gathers those hidden states as one (1, N, H) row, so
+the model's own post-processing (softcapping, logit scales, biases) applies to those N rows only and no
+logits are computed for padding or for positions that another row of the batch trains. Then
+log_softmax in float32 and top-k on the device, a chunk of positions at a time.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
-from .engine import EngineError, Scored, trained_rows
+from .engine import EngineError, Scored, check_vocab, trained_rows
 from .tokens import Tokenized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,11 +28,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _forward_options(model) -> dict:
+    """All logits to the output layer (our hook narrows them), no KV cache; only what `forward` accepts."""
+    params = inspect.signature(model.forward).parameters
+    wanted = {"logits_to_keep": 0, "use_cache": False}
+    return {k: v for k, v in wanted.items() if k in params}
+
+
 class HFEngine:
     name = "hf"
 
     def __init__(self, model: str, k: int, dtype: str = "auto", device: str | None = None,
-                 batch_tokens: int = 8192, chunk_positions: int = 2048, trust_remote_code: bool = False):
+                 batch_tokens: int = 8192, chunk_positions: int = 2048, trust_remote_code: bool = False,
+                 real_vocab: int | None = None):
         import transformers
         from transformers import AutoModelForCausalLM
 
@@ -40,11 +53,11 @@ class HFEngine:
             raise EngineError(f"cannot load the teacher {model!r} with transformers ({type(e).__name__}: {e})") from e
         self.model.to(self.device).eval()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        if k > self.vocab_size:
-            raise EngineError(f"--top-k {k} is larger than the teacher's vocabulary ({self.vocab_size})")
+        self.real_vocab = check_vocab(k, self.vocab_size, real_vocab)
         self.k = k
         self.batch_tokens = batch_tokens
         self.chunk_positions = chunk_positions
+        self._options = _forward_options(self.model)
 
     @torch.inference_mode()
     def score(self, batch: list[Tokenized]) -> list[Scored]:
@@ -55,30 +68,52 @@ class HFEngine:
             ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
             attn[b, : len(s.input_ids)] = 1
         rows = [trained_rows(s) for s in batch]
-        keep = np.unique(np.concatenate(rows))
-        where = [np.searchsorted(keep, r) for r in rows]
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        keep_t = torch.from_numpy(keep).to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep_t).logits
-        b_idx = torch.from_numpy(np.concatenate([np.full(len(w), b) for b, w in enumerate(where)])).to(self.device)
-        p_idx = torch.from_numpy(np.concatenate(where)).to(self.device)
+        b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(rows)])).to(self.device)
+        p_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
         labels = torch.from_numpy(np.concatenate([s.input_ids[s.loss_mask] for s in batch]).astype(np.int64)).to(self.device)
-        top_v, top_i, tgt = [], [], []
-        for c in range(0, len(b_idx), self.chunk_positions):
-            sl = slice(c, c + self.chunk_positions)
-            lp = logits[b_idx[sl], p_idx[sl]].float().log_softmax(-1)
-            v, i = lp.topk(self.k, dim=-1)
-            top_v.append(v)
-            top_i.append(i)
-            tgt.append(lp.gather(1, labels[sl, None])[:, 0])
-        v = torch.cat(top_v).cpu().numpy()
-        i = torch.cat(top_i).to(torch.int32).cpu().numpy()
-        t = torch.cat(tgt).cpu().numpy()
+        logits = self._logits(ids.to(self.device), attn.to(self.device), b_idx, p_idx)
+        v, i, t = self._topk(logits, labels)
         out, o = [], 0
         for s, r in zip(batch, rows):
             out.append(Scored(s.record, i[o:o + len(r)], v[o:o + len(r)], t[o:o + len(r)]))
             o += len(r)
         return out
+
+    def _logits(self, ids: torch.Tensor, attn: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits at the (row, position) pairs given, nothing else projected onto the vocabulary."""
+        B, T = ids.shape
+
+        def gather(module, args):
+            hidden = args[0]
+            if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, T):
+                raise EngineError(f"the teacher's output layer got hidden states of shape {tuple(hidden.shape)}, "
+                                  f"expected ({B}, {T}, hidden): this model family is not supported by --engine hf")
+            return (hidden[b_idx, p_idx].unsqueeze(0), *args[1:])
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=attn, **self._options).logits
+        finally:
+            handle.remove()
+        if tuple(logits.shape) != (1, len(b_idx), self.vocab_size):
+            raise EngineError(f"the teacher returned logits of shape {tuple(logits.shape)} instead of going through its "
+                              "output embeddings: this model family is not supported by --engine hf")
+        return logits[0]
+
+    def _topk(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Float32 log_softmax over the full width (padded ids' mass stays in the tail), top-k over real ids."""
+        top_v, top_i, tgt = [], [], []
+        for c in range(0, len(labels), self.chunk_positions):
+            lp = logits[c:c + self.chunk_positions].float().log_softmax(-1)
+            real = lp if self.real_vocab == self.vocab_size else lp[:, : self.real_vocab]
+            v, i = real.topk(self.k, dim=-1)
+            top_v.append(v)
+            top_i.append(i)
+            tgt.append(lp.gather(1, labels[c:c + self.chunk_positions, None])[:, 0])
+        v = torch.cat(top_v).cpu().numpy()
+        i = torch.cat(top_i).to(torch.int32).cpu().numpy()
+        t = torch.cat(tgt).cpu().numpy()
+        return v, i, t
 
     def close(self) -> None:
         self.model = None

@@ -13,8 +13,10 @@ import os
 
 import numpy as np
 
-from .engine import EngineError, Scored, trained_rows
+from .engine import EngineError, Scored, check_vocab, trained_rows
 from .tokens import Tokenized
+
+MAX_PADDING = 1024  # padded ids we accept: each costs one more prompt log-probability per position
 
 
 class ArrayPromptLogprobs(list):
@@ -55,6 +57,37 @@ def install_fast_path() -> None:
     _FastPath.installed = True
 
 
+def logprobs_to_request(k: int, width: int, real_vocab: int | None) -> int:
+    """vLLM ranks all `width` logits; with p padded ids, k + p ranks always hold k real ones."""
+    padding = width - check_vocab(k, width, real_vocab)
+    if padding > MAX_PADDING:
+        raise EngineError(
+            f"the teacher has {width} outputs but its tokenizer only {width - padding} tokens: {padding} padded ids, "
+            f"more than the {MAX_PADDING} the vLLM engine accepts (each costs one more prompt log-probability per "
+            "position); use --engine hf, which ranks the real ids only"
+        )
+    return k + padding
+
+
+def keep_real(ids: np.ndarray, lps: np.ndarray, k: int, real_vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first k entries (rank order) whose ids are real; padded ids' mass is left to the tail."""
+    if ids.shape[1] == k:
+        return ids, lps
+    first = np.argsort(ids >= real_vocab, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, first, 1), np.take_along_axis(lps, first, 1)
+
+
+def _logit_width(model: str, trust_remote_code: bool) -> int:
+    """The logits' width from the model's config (what vLLM reports), read before the engine starts."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return int(cfg.get_text_config().vocab_size)
+    except Exception as e:
+        raise EngineError(f"cannot read the teacher's config {model!r} ({type(e).__name__}: {e})") from e
+
+
 def _cpu_defaults() -> None:
     """Settings that make vLLM's CPU build behave on a small machine (the user's own env wins)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -66,7 +99,7 @@ class VLLMEngine:
 
     def __init__(self, model: str, k: int, max_model_len: int, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, batch_tokens: int = 65536,
-                 fast: bool = True, trust_remote_code: bool = False, seed: int = 0):
+                 fast: bool = True, trust_remote_code: bool = False, seed: int = 0, real_vocab: int | None = None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
             import torch
@@ -82,11 +115,13 @@ class VLLMEngine:
         install_fast_path()
         self.version = vllm.__version__
         self.k = k
+        # with padding, ask for enough ranks before starting (max_logprobs is fixed at start); None: no padding
+        self.K = k if real_vocab is None else logprobs_to_request(k, _logit_width(model, trust_remote_code), real_vocab)
         self.fast = fast
         self.batch_tokens = batch_tokens
         try:
             self.llm = LLM(
-                model=model, skip_tokenizer_init=True, max_logprobs=k, dtype=dtype,
+                model=model, skip_tokenizer_init=True, max_logprobs=self.K, dtype=dtype,
                 tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                 enable_prefix_caching=False, enforce_eager=enforce_eager, seed=seed,
                 trust_remote_code=trust_remote_code,
@@ -99,11 +134,16 @@ class VLLMEngine:
             ) from e
         STARTED["engine"] = True
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
-        if k > self.vocab_size:
+        try:
+            self.real_vocab = check_vocab(k, self.vocab_size, real_vocab)
+            if self.K != logprobs_to_request(k, self.vocab_size, self.real_vocab):
+                raise EngineError(f"vLLM reports {self.vocab_size} outputs for {model!r}, its config another number; "
+                                  "refusing to guess which ids are padding")
+        except EngineError:
             self.close()
-            raise EngineError(f"--top-k {k} is larger than the teacher's vocabulary ({self.vocab_size})")
+            raise
         # prompt_logprobs set in the constructor: such requests never read the prefix cache.
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=self.K, flat_logprobs=True, detokenize=False)
 
     def score(self, batch: list[Tokenized]) -> list[Scored]:
         from vllm.inputs import TokensPrompt
@@ -114,25 +154,24 @@ class VLLMEngine:
         return [self._scored(s, o.prompt_logprobs) for s, o in zip(batch, outs)]
 
     def _scored(self, s: Tokenized, plp) -> Scored:
-        L, k = len(s.input_ids), self.k
+        L, K = len(s.input_ids), self.K  # K ranks per row: k, plus one per padded id
         if isinstance(plp, ArrayPromptLogprobs):
             ids = np.concatenate(plp.token_ids) if len(plp.token_ids) > 1 else plp.token_ids[0]
             lps = np.concatenate(plp.logprobs) if len(plp.logprobs) > 1 else plp.logprobs[0]
         else:  # vLLM's stock flat lists
             ids = np.asarray(plp.token_ids, dtype=np.int64)
             lps = np.asarray(plp.logprobs, dtype=np.float32)
-        if ids.size != (L - 1) * (k + 1):
+        if ids.size != (L - 1) * (K + 1):
             raise EngineError(
-                f"record {s.record}: vLLM returned {ids.size} prompt log-probabilities, expected {(L - 1) * (k + 1)}; "
+                f"record {s.record}: vLLM returned {ids.size} prompt log-probabilities, expected {(L - 1) * (K + 1)}; "
                 "a position was dropped (prefix caching or chunking); refusing to write incomplete targets"
             )
-        ids = ids.reshape(L - 1, k + 1)
-        lps = lps.reshape(L - 1, k + 1)
+        ids = ids.reshape(L - 1, K + 1)
+        lps = lps.reshape(L - 1, K + 1)
         rows = trained_rows(s)
-        return Scored(
-            s.record, ids[rows, 1:].astype(np.int32), lps[rows, 1:].astype(np.float32, copy=False),
-            lps[rows, 0].astype(np.float32, copy=False),
-        )
+        top_i, top_v = keep_real(ids[rows, 1:], lps[rows, 1:], self.k, self.real_vocab)
+        return Scored(s.record, top_i.astype(np.int32), top_v.astype(np.float32, copy=False),
+                      lps[rows, 0].astype(np.float32, copy=False))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
