@@ -58,7 +58,9 @@ class EvalDataError(Exception):
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[dict]:
-    """MiniLLM / DistiLLM jsonl: `prompt` (rendered) and `output` (the reference) per line."""
+    """MiniLLM / DistiLLM jsonl: `prompt` (rendered) and `output` (the reference) per line; or chat lines
+    (`messages`): the messages before the last assistant turn (rendered later with the model's chat
+    template) and that turn's content as the reference."""
     import json
 
     rows = []
@@ -73,15 +75,47 @@ def read_prompts(path: str, limit: int | None = None) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise EvalDataError(f"{path}, line {i + 1}: not JSON ({e})") from e
+        if isinstance(row, dict) and "messages" in row:
+            rows.append(_chat_row(row["messages"], f"{path}, line {i + 1}"))
+            if limit and len(rows) >= limit:
+                break
+            continue
         for key in ("prompt", "output"):
-            if not isinstance(row.get(key), str):
-                raise EvalDataError(f"{path}, line {i + 1}: needs a text field {key!r}")
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise EvalDataError(f"{path}, line {i + 1}: needs a text field {key!r} (or a chat `messages` list)")
         rows.append(row)
         if limit and len(rows) >= limit:
             break
     if not rows:
         raise EvalDataError(f"{path}: no rows")
     return rows
+
+
+def _chat_row(msgs, where: str) -> dict:
+    """A chat line: the conversation before its last assistant message is the prompt, that message the reference."""
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in msgs):
+        raise EvalDataError(f"{where}: `messages` must be a list of {{'role': str, 'content': str}}")
+    last = max((j for j, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise EvalDataError(f"{where}: a chat line needs an assistant message (the last one is the reference)")
+    if last == 0:
+        raise EvalDataError(f"{where}: nothing comes before the last assistant message, so there is no prompt")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs[:last]],
+            "output": msgs[last]["content"], "where": where}
+
+
+def _chat_prompt(tok, row: dict, model_dir: str) -> str:
+    """The model's chat template over the messages before the reference, ending with the assistant's prompt."""
+    from jinja2 import TemplateError
+
+    if not getattr(tok, "chat_template", None):
+        raise EvalDataError(f"{row['where']}: a chat line, but the tokenizer of --model {model_dir} has no chat "
+                            "template; give the model one (chat_template.jinja) or use `prompt`/`output` lines")
+    try:
+        return tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError) as e:
+        raise EvalDataError(f"{row['where']}: the model's chat template rejects this conversation ({e})") from e
 
 
 @torch.no_grad()
@@ -108,7 +142,13 @@ def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, 
     max_prompt = max(8, int(getattr(model.config, "max_position_embeddings", 2048)) - max_new_tokens)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     torch.manual_seed(seed)
-    encoded = [tok(r["prompt"])["input_ids"][-max_prompt:] for r in rows]
+    for r in rows:  # chat lines: the template writes BOS and the turn markers, so no special tokens are added again
+        r["special"] = "messages" not in r
+        if "messages" in r:
+            r["prompt"] = _chat_prompt(tok, r, model_dir)
+    encoded = [tok(r["prompt"], add_special_tokens=r["special"])["input_ids"][-max_prompt:] for r in rows]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = {tok.eos_token_id, *(extra if isinstance(extra, list) else [extra])} - {None}
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))  # similar lengths together: little padding
     results: list[dict] = [{}] * len(rows)
     for b in range(0, len(rows), batch_size):
@@ -124,7 +164,7 @@ def evaluate_generation(model_dir: str, data: str, out_file: str | None = None, 
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
                              do_sample=do_sample, temperature=temperature if do_sample else None,
                              top_p=top_p if do_sample else None, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
+                             eos_token_id=sorted(stop))  # chat models end turns with their own token (<|eot_id|>)
         for i, r, seq in zip(idx, chunk, out[:, T:]):
             text = tok.decode(seq, skip_special_tokens=True).strip()
             score = scorer.score(r["output"], text)["rougeL"].fmeasure * 100

@@ -1,0 +1,220 @@
+"""Tiny random-weight models of real Hugging Face families, all on one locally trained tokenizer.
+
+`build(family, out)` writes a loadable Hugging Face directory (config.json, model.safetensors, tokenizer
+files): hidden 64, 2 layers, intermediate 128, 128 positions, float32, head_dim 32 where the family
+lets us choose, tied embeddings as each family defaults, and each family's logit post-processing switched
+on (Phi's lm_head bias non-zero, Gemma 2's final soft-cap, Cohere's logit_scale, Granite's logits_scaling
+and multipliers). A teacher's final norm is scaled up so that its distributions are peaked. `vocab_size`
+wider than the tokenizer makes a padded output layer (Qwen2.5, Llama-style multiples of 64); a padded
+teacher's padded rows are scaled up so that it puts real mass on them.
+
+As a script: builds every family, loads it with AutoModelForCausalLM and generates a few tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tiny import CHAT_TEMPLATE, WORDS
+
+# Families trained and cached; "gemma3" is the text model (Gemma3ForCausalLM).
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "phi", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox",
+            "cohere", "granite"]
+# Gemma 3's multimodal wrapper (Gemma3ForConditionalGeneration, tiny SigLIP vision tower): a teacher only.
+TEACHER_ONLY = ["gemma3_mm"]
+ALL = FAMILIES + TEACHER_ONLY
+
+VOCAB = 1000  # the shared tokenizer's size
+BOS, EOS, PAD = 0, 1, 2  # its special tokens, in training order: <s>, </s>, <pad>, then <|endoftext|>
+# <|endoftext|> (id 3) is there because transformers 5 loads any qwen2-type directory's tokenizer as
+# Qwen2Tokenizer, whatever tokenizer_config.json says, and that class adds <|endoftext|> (its default unk) when
+# the vocabulary lacks it: one token more than the model's outputs (see test_families.py, the xfail test).
+SPECIALS = ["<s>", "</s>", "<pad>", "<|endoftext|>"]
+HIDDEN, LAYERS, INTERMEDIATE, HEADS, HEAD_DIM, POSITIONS = 64, 2, 128, 2, 32, 128
+TEACHER_SCALE = 20.0  # a teacher's final norm scaled by this: peaked distributions, as a trained model's
+PAD_BOOST = 1.6  # a padded teacher's padded output rows scaled by this: the padded ids take real mass
+
+SYLLABLES = ("ka ko ki ru ra ro mi ma mo te ta to su sa si ne na no lu li pe po be bo de da ge gu fi fa zo "
+             "zu ve vi ho ha ye ya we wo qua tri str ch sh th").split()
+
+
+def corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Sentences over tiny.WORDS and the instruction template (frequent, so each becomes one or two tokens), and
+    over ~600 made-up words (enough merges for a 1,000-token BPE)."""
+    rng = np.random.default_rng(seed)
+    made_up = sorted({"".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 5)))) for _ in range(700)})
+    template = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n\n### Input:\n\n"
+                "### Response:\n<|user|> <|assistant|> <|system|>")
+    lines = [template] * 200
+    for words in (list(WORDS), made_up):
+        for _ in range(n):
+            lines.append(" ".join(rng.choice(words, size=int(rng.integers(4, 20)))) + str(rng.choice([".", "?", "!", ","])))
+    return lines
+
+
+def build_tokenizer(out: Path, vocab_size: int = VOCAB):
+    """A byte-level BPE of exactly `vocab_size` tokens (ids 0..3: SPECIALS), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    assert len(fast) == vocab_size, f"the BPE has {len(fast)} tokens, not {vocab_size}"
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id) == (BOS, EOS, PAD)
+    fast.save_pretrained(out)
+    return fast
+
+
+def config(family: str, vocab_size: int = VOCAB):
+    """The tiny config of a family, logit post-processing switched on, special ids those of the shared tokenizer."""
+    import transformers as tf
+
+    ids = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    common = dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, max_position_embeddings=POSITIONS, **ids)
+    if family == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=1)  # grouped-query attention
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=1)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, num_key_value_heads=1, head_dim=HEAD_DIM)
+    if family == "mistral":
+        return tf.MistralConfig(**common, num_key_value_heads=1, head_dim=HEAD_DIM, sliding_window=48)
+    if family == "phi3":
+        return tf.Phi3Config(**common, num_key_value_heads=HEADS, original_max_position_embeddings=POSITIONS)
+    if family == "phi":  # lm_head has a bias (made non-zero in `build`), partial rotary
+        return tf.PhiConfig(**common, partial_rotary_factor=0.5)
+    if family == "gemma2":  # final tanh soft-cap; attention soft-cap as default (50)
+        return tf.Gemma2Config(**common, num_key_value_heads=1, head_dim=HEAD_DIM, final_logit_softcapping=30.0,
+                               query_pre_attn_scalar=HEAD_DIM, sliding_window=48)
+    if family in ("gemma3", "gemma3_mm"):
+        text = tf.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
+                                   sliding_window=48, layer_types=["sliding_attention", "full_attention"])
+        if family == "gemma3":
+            return text
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                               **ids)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE,
+                             n_positions=POSITIONS, **ids)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, ffn_dim=INTERMEDIATE,
+                            num_attention_heads=HEADS, max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN,
+                            **ids)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**common)
+    if family == "cohere":  # logits multiplied by logit_scale
+        return tf.CohereConfig(**common, num_key_value_heads=1, logit_scale=0.25)
+    if family == "granite":  # logits divided by logits_scaling; non-default multipliers
+        return tf.GraniteConfig(**common, num_key_value_heads=1, logits_scaling=4.0, embedding_multiplier=6.0,
+                                residual_multiplier=0.5, attention_multiplier=0.05)
+    raise ValueError(f"unknown family {family!r}; known: {ALL}")
+
+
+def build(family: str, out: Path, vocab_size: int | None = None, tokenizer_dir: Path | None = None,
+          role: str = "teacher", seed: int = 0) -> Path:
+    """Write a Hugging Face directory of `family` with random weights (seeded) and the shared tokenizer.
+
+    vocab_size: the logit width (default: the tokenizer's size); wider is a padded output layer.
+    tokenizer_dir: the shared tokenizer (built into `out` when not given). role "teacher": the output rows
+    scaled up (peaked distributions, padded rows more so); "student": the plain initialisation.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be teacher or student, not {role!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        real = len(build_tokenizer(out))
+    else:  # its size read from its own directory: in a qwen2 one, transformers would load another class
+        real = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, out / f.name)
+    width = vocab_size or real
+    if width < 1:
+        raise ValueError(f"vocab_size must be positive, not {width}")
+    cfg = config(family, width)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        if role == "teacher":
+            # Granite divides its logits by logits_scaling (4): compensated, or its teacher would be near-uniform
+            _scale_final_norm(model, TEACHER_SCALE * getattr(cfg.get_text_config(), "logits_scaling", 1.0))
+            if width > real:
+                head.weight[real:].mul_(PAD_BOOST)
+        if getattr(head, "bias", None) is not None:  # Phi: a bias the head must add
+            head.bias.copy_(torch.randn_like(head.bias) * 0.5)
+    model.generation_config.pad_token_id = PAD
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _scale_final_norm(model, s: float) -> None:
+    """Multiply the output of the norm before the output layer by s: the logits (less any bias) scale by s.
+
+    The norm rather than the output rows, so that tied input embeddings stay as initialised."""
+    base = getattr(model, model.base_model_prefix)
+    base = getattr(base, "language_model", base)  # Gemma 3's multimodal wrapper
+    base = getattr(base, "decoder", base)  # OPT
+    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+        norm = getattr(base, name, None)
+        if norm is not None:
+            break
+    else:
+        raise ValueError(f"{type(model).__name__}: no final norm found")
+    if type(norm).__name__.startswith("Gemma"):  # Gemma's RMSNorm multiplies by (1 + weight)
+        norm.weight.copy_((1 + norm.weight) * s - 1)
+    else:
+        norm.weight.mul_(s)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.mul_(s)
+
+
+def _sanity(root: Path) -> None:
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = root / "tokenizer"
+    tok = build_tokenizer(tok_dir)
+    print(f"tokenizer: {len(tok)} tokens; 'the cat sat' -> {tok('the cat sat')['input_ids']}")
+    for family in ALL:
+        t0 = time.perf_counter()
+        d = build(family, root / family, tokenizer_dir=tok_dir)
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        tk = AutoTokenizer.from_pretrained(d)
+        enc = tk(["the cat sat on the mat", "a dog"], return_tensors="pt", padding=True, padding_side="left")
+        gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        head = model.get_output_embeddings()
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{family:10s} {type(model).__name__:34s} params {params:>8,}  tied {model.config.get_text_config().tie_word_embeddings!s:5s}  "
+              f"bias {head.bias is not None!s:5s}  generated {gen[:, enc['input_ids'].shape[1]:].tolist()}  "
+              f"{time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    with tempfile.TemporaryDirectory() as d:
+        _sanity(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(d))
