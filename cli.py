@@ -10,13 +10,22 @@ import click
 import storage
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+LOSSES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl"]  # trainer.losses.DIVERGENCES, without importing torch
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
+
+
+@click.group(context_settings=CONTEXT)
 @click.version_option(package_name="adakd")
 def main() -> None:
     """Offline knowledge distillation: cache a teacher once, train students with AdaKD from the cache."""
 
 
-@main.command("cache-teacher")
+@main.command("cache-teacher", context_settings=CONTEXT, short_help="Stage one: cache a teacher's top-k targets.", epilog="""\b
+Example (the tiny real teacher shipped in ../shared, on TinyStories):
+  cache-teacher --teacher ../shared/models/stories260K --data ../shared/data/tinystories/train.jsonl \\
+      --out runs/stories-train --top-k 64 --engine hf
+Guide: docs/cache-teacher.md""")
 @click.option("--teacher", required=True, help="Teacher model: a local Hugging Face directory or a hub name available offline.")
 @click.option("--data", "data", required=True, help="Dataset: local .jsonl/.json/.parquet/.csv/.txt file(s), directory or glob, or a datasets hub name.")
 @click.option("--out", required=True, help="Cache directory (local path or pyarrow URI such as s3://bucket/cache).")
@@ -45,7 +54,7 @@ def main() -> None:
 @click.option("--shard-positions", type=int, default=65536, show_default=True, help="Trained positions per shard.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model/tokenizer code from the model directory (off by default).")
 @click.option("--vllm-stock-path", is_flag=True, hidden=True, help="Use vLLM's list-based logprob output (for comparison).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 def cache_teacher_cmd(**o) -> None:
     """Stage one: run the teacher over a dataset and write (or resume) a cache."""
     from pipeline.capture import CaptureConfig, DataError, EngineError, cache_teacher
@@ -69,6 +78,10 @@ def cache_teacher_cmd(**o) -> None:
     except (DataError, EngineError, storage.CacheError) as e:
         click.echo(f"Error: {e}", err=True)
         _finish(1)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: every shard listed in {cfg.out} is complete; re-run the same command to resume",
+                   err=True)
+        _finish(INTERRUPTED)
     click.echo(summary.format())
     _finish(0)
 
@@ -84,12 +97,16 @@ def _finish(code: int) -> None:
     sys.exit(code)
 
 
-@main.command("train-student")
+@main.command("train-student", context_settings=CONTEXT, short_help="Stage two: train a student from a cache (AdaKD).", epilog="""\b
+Example (a 2-layer student of the teacher's shape, random init, AdaKD over reverse KL):
+  train-student --cache runs/stories-train --student runs/student.json --out runs/student --max-steps 300
+Under torchrun: torchrun --nproc_per_node 8 -m cli train-student --config run.yaml
+Guide: docs/train-student.md""")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (names as below, dashes or underscores); command-line options override it.")
 @click.option("--cache", help="Cache written by cache-teacher.")
 @click.option("--student", help="Student: a Hugging Face model directory (pretrained) or a config.json (random init).")
 @click.option("--out", help="Output directory: checkpoints/, final/, train_log.jsonl.")
-@click.option("--loss", default="rkl", show_default=True, help="Base divergence: fkl, rkl, jsd, sfkl, srkl, tvd, akl.")
+@click.option("--loss", type=click.Choice(LOSSES), default="rkl", show_default=True, help="Base divergence (forward/reverse KL, Jensen-Shannon, skew forward/reverse KL, total variation, adaptive KL).")
 @click.option("--adakd/--no-adakd", default=True, show_default=True, help="AdaKD (LATF + IDTS) on top of the base divergence.")
 @click.option("--no-latf", is_flag=True, help="AdaKD without token focusing (ablation).")
 @click.option("--no-idts", is_flag=True, help="AdaKD without per-token temperatures (ablation).")
@@ -99,26 +116,27 @@ def _finish(code: int) -> None:
 @click.option("--jsd-beta", type=float, default=0.1, show_default=True, help="JSD: the teacher's weight in the mixture.")
 @click.option("--skew", type=float, default=0.1, show_default=True, help="Skew KL weight.")
 @click.option("--akl-mu", type=float, default=0.5, show_default=True, help="AKL head mass.")
-@click.option("--lr", type=float, default=3e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW; linear warm-up, cosine decay to 10%).")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay (matrices only; not biases and norms).")
 @click.option("--warmup-fraction", type=float, default=0.05, show_default=True, help="Of total steps; also LATF's warm-up.")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps [default: --epochs over the cache].")
-@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the cache, when --max-steps is not given.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per micro-batch and process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient norm clipping; 0 to disable.")
 @click.option("--chunk-positions", type=int, default=1024, show_default=True, help="Positions per loss chunk (memory: chunk x vocabulary floats).")
 @click.option("--max-length", type=int, default=None, help="Cut cache sequences to this many tokens (for a student whose context is shorter than the cache's sequences; their later positions are not trained).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Data order and random initialization.")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: at the end only).")
+@click.option("--keep-last", type=int, default=0, show_default=True, help="Keep only the N newest checkpoints on disk (0: all); resuming needs only the newest.")
 @click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) after N steps in this run; re-run to continue (time-limited jobs).")
 @click.option("--fsdp", is_flag=True, help="Shard the student with FSDP2 (fully_shard) under torchrun.")
 @click.option("--allow-incomplete-cache", is_flag=True, help="Train on a cache whose workers are not all done.")
 @click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard.")
 @click.option("--plot", is_flag=True, help="Draw loss, LATF ratio and temperature histogram to OUT/train_plot.png.")
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow model/tokenizer code from the student's directory (off by default).")
 @click.option("--live-teacher", default=None, help="Teacher directory: use its exact full-vocabulary distribution, computed live, instead of the cached top-k (to measure what the cache costs; needs the teacher in memory).")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 @click.pass_context
 def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     """Stage two: train a student on a cache with sparse-target KD and AdaKD (resumes from OUT/checkpoints)."""
@@ -144,7 +162,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
         if not o[req]:
             raise click.ClickException(f"--{req} is required (on the command line or in --config)")
     for name, low in (("grad_accum", 1), ("batch_tokens", 1), ("chunk_positions", 1), ("epochs", 1), ("max_steps", 1),
-                      ("stop_after", 1), ("save_every", 0), ("max_length", 2)):
+                      ("stop_after", 1), ("save_every", 0), ("max_length", 2), ("keep_last", 0)):
         if o[name] is not None and o[name] < low:
             raise click.ClickException(f"--{name.replace('_', '-')} must be at least {low}, not {o[name]}")
     try:
@@ -158,7 +176,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             cache=o["cache"], student=o["student"], out=o["out"], loss=loss, lr=o["lr"], weight_decay=o["weight_decay"],
             warmup_fraction=o["warmup_fraction"], max_steps=o["max_steps"], epochs=o["epochs"],
             batch_tokens=o["batch_tokens"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
-            save_every=o["save_every"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
+            save_every=o["save_every"], keep_last=o["keep_last"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
             tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
             progress=not o["no_progress"], live_teacher=o["live_teacher"], max_length=o["max_length"],
         )
@@ -166,6 +184,11 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
         result = train(cfg)
     except (ValueError, TrainError, CheckpointError, storage.CacheError) as e:  # CacheError: damage met mid-run
         raise click.ClickException(str(e)) from e
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"\ninterrupted: the last checkpoint in {cfg.out}/checkpoints is intact; re-run the same "
+                       "command to resume from it", err=True)
+        sys.exit(INTERRUPTED)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]
         where = f"student in {result['final']}" if result["final"] else "stopped early: re-run to continue"
@@ -173,17 +196,20 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
                    f"{where}; log in {result['log']}")
 
 
-@main.command("eval")
+@main.command("eval", short_help="Score a student: on a cache and/or by generation.", epilog="""\b
+Examples:
+  adakd eval --model runs/student/final --cache runs/stories-test
+  adakd eval --model runs/student/final --data ../shared/data/dolly/test.jsonl --limit 50""")
 @click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory) to evaluate.")
 @click.option("--cache", help="Held-out cache: NLL, KL(teacher || student) on the cached support, top-1 agreement.")
-@click.option("--data", help="MiniLLM/DistiLLM jsonl (prompt, output): generate and score ROUGE-L against output.")
+@click.option("--data", help="jsonl of `prompt`/`output` lines (MiniLLM/DistiLLM) or chat `messages` lines (the last assistant turn is the reference): generate and score ROUGE-L.")
 @click.option("--out-file", default=None, help="Where generations go [default: MODEL/generations.jsonl].")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation: tokens generated per prompt at most.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Generation: prompts per batch.")
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Generation: sampling seed (with --do-sample).")
 @click.option("--limit", type=int, default=None, help="Only the first N prompts.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache evaluation batch size.")
 @click.option("--max-positions", type=click.IntRange(min=1), default=None, help="Cache evaluation: at most this many positions.")
@@ -217,10 +243,12 @@ def eval_cmd(model_dir: str, cache: str | None, data: str | None, out_file: str 
     click.echo(json.dumps(result))
 
 
-@main.command()
+@main.command(short_help="The whole pipeline offline on a built-in task.", epilog="""\b
+Example:
+  adakd demo --out runs/demo""")
 @click.option("--out", default="runs/demo", show_default=True, help="Directory for everything the demo makes.")
 @click.option("--fast", is_flag=True, help="A tiny variant (seconds, for tests): the numbers mean nothing.")
-@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="Teacher engine for the demo's cache-teacher run (auto: vLLM when installed).")
 def demo(out: str, fast: bool, engine: str) -> None:
     """The whole pipeline offline on a built-in task: teacher, cache, 3 students, accuracy table and plot."""
     import demo as demo_mod
@@ -229,7 +257,9 @@ def demo(out: str, fast: bool, engine: str) -> None:
     demo_mod.demo(cfg)
 
 
-@main.command()
+@main.command(short_help="Check every shard of a cache; exit 1 on a problem.", epilog="""\b
+Example:
+  adakd verify runs/stories-train""")
 @click.argument("cache")
 def verify(cache: str) -> None:
     """Check every shard of CACHE (checksums, schema, decoding, counts); exit 1 on any problem."""
@@ -245,7 +275,9 @@ def verify(cache: str) -> None:
     sys.exit(0 if report.ok else 1)
 
 
-@main.command()
+@main.command(short_help="Summarize a cache: sizes, coverage, plot.", epilog="""\b
+Example:
+  adakd inspect runs/stories-train --plot runs/coverage.png""")
 @click.argument("cache")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write histograms of top-k mass and top-1 probability to this PNG.")
 @click.option("--max-positions", type=int, default=2_000_000, show_default=True, help="Positions decoded (from the start) for the coverage statistics; 0 for all.")
@@ -262,13 +294,13 @@ def inspect(cache: str, plot_path: str | None, max_positions: int | None) -> Non
 
 
 def cache_teacher_main() -> None:
-    """Console script `cache-teacher`."""
-    main(["cache-teacher", *sys.argv[1:]], prog_name="cache-teacher")
+    """Console script `cache-teacher` (the command itself, so its usage line and hints name `cache-teacher`)."""
+    cache_teacher_cmd.main(sys.argv[1:], prog_name="cache-teacher")
 
 
 def train_student_main() -> None:
     """Console script `train-student`."""
-    main(["train-student", *sys.argv[1:]], prog_name="train-student")
+    train_student_cmd.main(sys.argv[1:], prog_name="train-student")
 
 
 if __name__ == "__main__":

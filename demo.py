@@ -200,15 +200,18 @@ def _plot(acc: dict, out: Path, dirs: dict[str, Path]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    ax[0].barh(list(acc), [v * 100 for v in acc.values()], color=["#444"] + ["#3366aa"] * (len(acc) - 1))
-    ax[0].set(xlabel="held-out exact match (%)", title="accuracy")
-    for name, d in dirs.items():
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    bars = ax[0].barh(list(acc), [v * 100 for v in acc.values()], color=["#444"] + ["#3366aa"] * (len(acc) - 1))
+    ax[0].bar_label(bars, fmt="%.1f%%", padding=3)
+    ax[0].set(xlabel="held-out exact match (%)", title="accuracy", xlim=(0, 110))
+    for name, d in dirs.items():  # CE and KD are different quantities: one axis each
         rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
-        key = "ce" if "CE" in name else "kd"
-        ax[1].plot([r["step"] for r in rows], [r[key] for r in rows], label=f"{name} ({key})")
-    ax[1].set(xlabel="step", title="student training loss", yscale="log")
-    ax[1].legend()
+        panel, key = (ax[1], "ce") if "CE" in name else (ax[2], "kd")
+        panel.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+    ax[1].set(xlabel="optimizer step", ylabel="cross-entropy of the true tokens (nats)", title="CE-only student", yscale="log")
+    ax[2].set(xlabel="optimizer step", ylabel="KD loss, mean T² · D (nats)", title="KD students", yscale="log")
+    ax[2].legend()
+    fig.suptitle(f"adakd demo: {out}")
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=100)
     plt.close(fig)

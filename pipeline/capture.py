@@ -103,11 +103,12 @@ class Summary:
         return "\n".join(lines)
 
 
-def check_writable(out: str) -> None:
-    """Refuse an unwritable output before any expensive work."""
+def check_writable(out: str) -> bool:
+    """Refuse an unwritable output before any expensive work; True when this created the directory."""
     if "://" in out and not out.startswith("file://"):
-        return
+        return False
     path = out[len("file://"):] if out.startswith("file://") else out
+    created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-probe-{os.getpid()}")
@@ -116,6 +117,16 @@ def check_writable(out: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise CacheError(f"{out}: the output path is not writable ({e.strerror or e}); choose another --out") from e
+    return created
+
+
+def _remove_if_empty(out: str) -> None:
+    """An --out this run created and wrote nothing into goes again (a failed first start leaves no litter)."""
+    path = out[len("file://"):] if out.startswith("file://") else out
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _load(what: str, cls_name: str, name: str, trust_remote_code: bool, hint: str):
@@ -128,21 +139,51 @@ def _load(what: str, cls_name: str, name: str, trust_remote_code: bool, hint: st
 
 
 def load_tokenizer(name: str, trust_remote_code: bool):
-    return _load("tokenizer", "AutoTokenizer", name, trust_remote_code,
-                 "pass a local directory with tokenizer files (--tokenizer) or a model name available offline")
+    tok = _load("tokenizer", "AutoTokenizer", name, trust_remote_code,
+                "pass a local directory with tokenizer files (--tokenizer) or a model name available offline")
+    # lengths are ours to police (--max-length); transformers' "(554 > 512) ... indexing errors" would mislead
+    getattr(tok, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tok
+
+
+def _missing_path(option: str, name: str) -> None:
+    """A local path that is not there is a typo, not a hub name: say so before transformers tries the hub."""
+    first = name.split("/", 1)[0]
+    looks_local = name.startswith((".", "/", "~")) or ("/" in name and os.path.isdir(first))  # not "org/model"
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise EngineError(f"{option} {name}: no such directory; pass a local model directory (config.json + "
+                          "weights) or a model name available offline")
 
 
 def load_teacher_config(name: str, trust_remote_code: bool):
+    _missing_path("--teacher", name)
     return _load("teacher", "AutoConfig", name, trust_remote_code,
                  "pass a local model directory (config.json + weights) or a model name available offline")
 
 
-def choose_engine(name: str) -> str:
+def choose_engine(name: str, teacher_cfg) -> str:
+    """auto: vLLM when installed and not known to refuse this teacher on this machine, else transformers."""
     if name not in ENGINES:
         raise EngineError(f"--engine must be one of {ENGINES}, not {name!r}")
-    if name == "auto":
-        return "vllm" if vllm_available() else "hf"
-    return name
+    if name == "hf" or (name == "auto" and not vllm_available()):
+        return "hf"
+    import torch
+
+    from .engine_vllm import cpu_refusal
+
+    reason = None if torch.cuda.is_available() else cpu_refusal(teacher_cfg)
+    if reason and name == "vllm":
+        raise EngineError(f"--engine vllm: {reason}; use --engine hf")
+    if reason:
+        _note(f"{reason}: using --engine hf")
+        return "hf"
+    return "vllm"
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def resolved_dtype(cfg: CaptureConfig, engine: str) -> str:
@@ -231,17 +272,24 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
         raise CacheError(f"--worker-index {cfg.worker_index} must be in 0..{cfg.num_workers - 1} (--num-workers {cfg.num_workers})")
     if cfg.k < 1:
         raise EngineError(f"--top-k must be at least 1, not {cfg.k}")
-    check_writable(cfg.out)
-    engine_name = choose_engine(cfg.engine)
-    tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
-    teacher_cfg = load_teacher_config(cfg.teacher, cfg.trust_remote_code)
-    positions = int(getattr(text_config(teacher_cfg), "max_position_embeddings", 0) or 2048)
-    max_length = cfg.max_length or positions - 1
-    if max_length >= positions + (engine_name == "hf"):
-        raise EngineError(f"--max-length {max_length} exceeds what the teacher supports ({positions - 1})")
-    ds = load_dataset(cfg.data)
-    info = build_info(cfg, engine_name, tok, teacher_cfg, ds, max_length)
-    writer = CacheWriter(cfg.out, info, worker_index=cfg.worker_index, shard_positions=cfg.shard_positions)
+    created = check_writable(cfg.out)
+    try:
+        teacher_cfg = load_teacher_config(cfg.teacher, cfg.trust_remote_code)
+        if cfg.tokenizer:
+            _missing_path("--tokenizer", cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
+        engine_name = choose_engine(cfg.engine, teacher_cfg)
+        positions = int(getattr(text_config(teacher_cfg), "max_position_embeddings", 0) or 2048)
+        max_length = cfg.max_length or positions - 1
+        if max_length >= positions + (engine_name == "hf"):
+            raise EngineError(f"--max-length {max_length} exceeds what the teacher supports ({positions - 1})")
+        ds = load_dataset(cfg.data)
+        info = build_info(cfg, engine_name, tok, teacher_cfg, ds, max_length)
+        writer = CacheWriter(cfg.out, info, worker_index=cfg.worker_index, shard_positions=cfg.shard_positions)
+    except BaseException:
+        if created:
+            _remove_if_empty(cfg.out)
+        raise
     progress = writer.progress
     counts = Counts(**progress.get("counts", {}))
     summary = Summary(cfg.out, cfg.worker_index, cfg.num_workers, engine_name, counts)
@@ -258,11 +306,21 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
     except BaseException:
         writer.close_lock()
         raise
-    tokenizer = RecordTokenizer(tok, max_length, cfg.length_policy)
+    tokenizer = RecordTokenizer(tok, max_length, cfg.length_policy, source=cfg.data.source)
     owned = engine is None
     try:
         if engine is None:
-            engine = make_engine(cfg, engine_name, max_length, info)
+            try:
+                engine = make_engine(cfg, engine_name, max_length, info)
+            except EngineError as e:
+                if cfg.engine != "auto" or engine_name != "vllm":
+                    raise
+                _note(f"{e}; falling back to --engine hf")
+                writer.close_lock()
+                engine_name = summary.engine = "hf"
+                info = build_info(cfg, engine_name, tok, teacher_cfg, ds, max_length)
+                writer = CacheWriter(cfg.out, info, worker_index=cfg.worker_index, shard_positions=cfg.shard_positions)
+                engine = make_engine(cfg, engine_name, max_length, info)
         t0 = time.perf_counter()
         before = (counts.tokens, counts.positions)
         _run(cfg, ds, start, tokenizer, engine, writer, counts, todo)
@@ -365,11 +423,12 @@ def _run(cfg: CaptureConfig, ds, start: int, tokenizer: RecordTokenizer, engine:
         else:
             _put(q_out, _END, stop)
         consumer.join()
-    finally:
+    finally:  # also on Ctrl-C: both threads end before we return, never inside zstd or the tokenizer at exit
         stop.set()
+        consumer.join(timeout=60)
+        producer.join(timeout=60)
         if bar is not None:
             bar.close()
-    producer.join(timeout=5)
     if errors:
         raise errors[0]
 

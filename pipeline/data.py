@@ -28,7 +28,33 @@ DEFAULT_TEMPLATE_WITH_INPUT = (
 
 
 class DataError(Exception):
-    """A user-fixable problem with the dataset; the message names the file, row and column."""
+    """A user-fixable problem with the dataset; the message names the file, row and column (rows count from 1,
+    like the lines of a jsonl file and `adakd eval`'s messages)."""
+
+
+def row_name(index: int) -> str:
+    """How messages name the record at 0-based dataset `index`."""
+    return f"row {index + 1}"
+
+
+def first_bad_json_line(files: list[str]) -> str | None:
+    """'<file>, line <n>: ...' for the first line of a jsonl file that is not a JSON object, or None."""
+    import json
+
+    for f in files:
+        if not f.endswith(".jsonl"):
+            continue
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{f}, line {n}: not valid JSON ({e.msg}, column {e.colno}); fix or remove this line"
+                if not isinstance(value, dict):
+                    return f"{f}, line {n}: expected a JSON object per line, got {type(value).__name__}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,7 +114,7 @@ def load_dataset(spec: DataSpec):
     """The dataset as a `datasets.Dataset`, limited to `spec.limit` rows."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # load errors are reported below, naming the line
     datasets.disable_progress_bars()
     try:
         if is_local(spec.source):
@@ -107,12 +133,20 @@ def load_dataset(spec: DataSpec):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
-        raise DataError(f"{spec.source}: cannot load the dataset ({type(e).__name__}: {e})") from e
+        bad = first_bad_json_line(files) if is_local(spec.source) else None
+        raise DataError(bad or f"{spec.source}: cannot load the dataset ({type(e).__name__}: {_first_line(e)})") from e
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     if len(ds) == 0:
         raise DataError(f"{spec.source}: the dataset has no rows")
     return ds
+
+
+def _first_line(e: Exception) -> str:
+    """datasets' errors chain the real cause under a generic first line; name the innermost one."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def fingerprint(spec: DataSpec, ds) -> str:
@@ -232,7 +266,7 @@ def iter_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1
         rows = ds[idx.start:idx.stop:idx.step] if len(idx) else {}
         cols = list(rows)
         for j, i in enumerate(idx):
-            yield to_record({col: rows[col][j] for col in cols}, i, m, spec, f"{where0}, row {i}")
+            yield to_record({col: rows[col][j] for col in cols}, i, m, spec, f"{where0}, {row_name(i)}")
 
 
 def validate_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1, start: int = 0) -> int:

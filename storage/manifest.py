@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from .errors import CacheCorruptError, CacheNotFoundError, CacheVersionError
 from .fs import CacheDir, safe_relpath
 from .shard import FORMAT_VERSION, Encoding
@@ -213,6 +215,9 @@ class CacheManifest:
 
 def load_manifest(cache: CacheDir) -> CacheManifest:
     if not cache.is_dir():
+        if cache.fs.get_file_info(cache.root).type != pafs.FileType.NotFound:
+            raise CacheNotFoundError(f"{cache.uri}: a file, not a cache directory; give the directory cache-teacher "
+                                     "wrote (its --out)")
         raise CacheNotFoundError(f"{cache.uri}: no such cache directory")
     names = [n for n in cache.listdir() if MANIFEST_RE.match(n)]
     if not names:

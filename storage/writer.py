@@ -92,6 +92,9 @@ class CacheWriter:
         if any(n.startswith("manifest-") for n in self.dir.listdir()):
             existing = load_manifest(self.dir)
             diffs = self.info.differences(existing.info)
+            if diffs and not existing.shards and set(existing.workers) <= {self.worker_index}:
+                diffs = []  # nothing was written under the old settings (e.g. a failed first start): begin anew
+                existing.workers.pop(self.worker_index, None)
             if diffs:
                 self.close_lock()
                 raise CacheMismatchError(

@@ -231,7 +231,7 @@ def test_empty_value_names_row_and_column(teacher, tmp_path):
     rows = instruction_rows(5)
     rows[3]["output"] = "   "
     out = bad(teacher, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path)
-    assert "row 3" in out and "'output'" in out and "empty" in out
+    assert "row 4" in out and "'output'" in out and "empty" in out
     assert not (tmp_path / "c" / "shards").exists() or not list((tmp_path / "c" / "shards").glob("*.arrow"))
 
 
@@ -243,7 +243,7 @@ def test_non_text_value(teacher, tmp_path):
     path = tmp_path / "d.jsonl"
     write_jsonl(path, rows)
     out = bad(teacher, path, tmp_path)
-    assert "row 2" in out and "'instruction'" in out and "expected text" in out
+    assert "row 3" in out and "'instruction'" in out and "expected text" in out
 
 
 def test_unknown_shape(teacher, tmp_path):
@@ -262,8 +262,9 @@ def test_k_larger_than_vocabulary(teacher, instr, tmp_path):
     assert "larger than the teacher's vocabulary" in out
 
 
-def test_tokenizer_that_cannot_be_loaded(instr, tmp_path):
+def test_tokenizer_that_cannot_be_loaded(teacher, instr, tmp_path):
     (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_bytes((teacher / "config.json").read_bytes())  # a model, no tokenizer
     r = run("--teacher", str(tmp_path / "broken"), "--data", str(instr), "--out", str(tmp_path / "c"), "--engine", "hf", ok=False)
     assert r.exit_code == 1 and "cannot load the tokenizer" in r.output and str(tmp_path / "broken") in r.output
 

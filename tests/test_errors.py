@@ -61,7 +61,9 @@ def test_vllm_engine_without_vllm(capture, monkeypatch):
     ({}, "", "no .jsonl/.json/.parquet/.csv/.txt files in this directory"),
     ({}, "*.jsonl", "the pattern matches no file"),
     ({"a.jsonl": '{"text": "x"}\n', "b.csv": "text\ny\n"}, "", "data files must all be one of"),
-    ({"a.jsonl": '{"text": "x"\n'}, "a.jsonl", "cannot load the dataset"),
+    ({"a.jsonl": '{"text": "x"}\n{"text": "y"\n{"text": "z"}\n'}, "a.jsonl", "a.jsonl, line 2: not valid JSON ("),
+    ({"a.jsonl": '{"text": "x"}\n["y"]\n'}, "a.jsonl", "a.jsonl, line 2: expected a JSON object per line, got list"),
+    ({"a.csv": 'text\n"unterminated\n'}, "a.csv", "cannot load the dataset ("),
 ])
 def test_data_files_that_cannot_be_read(capture, tmp_path, files, source, words):
     d = tmp_path / "data"
@@ -88,7 +90,7 @@ def test_bad_chat_records(capture, tmp_path, messages, words):
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"},
                                                                 {"role": "assistant", "content": "b"}]},
                                                   {"messages": messages}])
-    fails(capture(data=data), "row 1", words)
+    fails(capture(data=data), "row 2", words)
 
 
 def _teacher_copy(fault_capture, tmp_path, edit) -> str:

@@ -121,6 +121,18 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer, opt
         raise
 
 
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest complete checkpoints (never the one `latest` names); returns the removed."""
+    if keep < 1:
+        return []
+    latest = latest_checkpoint(out)
+    done = sorted((p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    removed = [p for p in done[:-keep] if p != latest]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
 def check_writable(out: str | os.PathLike) -> None:
     """Refuse an output directory that cannot be written, before any training work."""
     path = Path(out)

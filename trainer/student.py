@@ -33,7 +33,7 @@ def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0, opti
         else:
             cfg_file = path / "config.json" if path.is_dir() else path
             if not cfg_file.is_file():
-                raise StudentError(f"{option} {spec!r}: neither a model directory nor a config file")
+                raise StudentError(f"{option} {spec!r}: neither a model directory nor a config file{out_dir_hint(spec)}")
             config = AutoConfig.from_pretrained(str(cfg_file if path.is_dir() else path), trust_remote_code=trust_remote_code)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -46,6 +46,14 @@ def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0, opti
     except HeadError as e:
         raise StudentError(f"{option} {spec}: {e}") from e
     return model
+
+
+def out_dir_hint(spec: str) -> str:
+    """A pointer to final/ when `spec` is a train-student --out directory rather than a model."""
+    final = Path(spec) / "final"
+    if (final / "config.json").is_file():
+        return f" (it is a train-student output directory: the trained model is {final})"
+    return ""
 
 
 def real_vocab_size(info: CacheInfo, teacher_tok=None) -> int:
@@ -88,13 +96,23 @@ def cache_tokenizer(reader: CacheReader):
         return AutoTokenizer.from_pretrained(d, trust_remote_code=False)  # a cache's files are data, never code
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 def student_tokenizer(spec: str, fallback, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = Path(spec)
-    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    present = [f for f in TOKENIZER_FILES if (path / f).exists()] if path.is_dir() else []
+    if not present:
+        return fallback
+    try:
         return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)  # never a prompt
-    return fallback
+    except Exception as e:  # files of a tokenizer that does not load: never fall back to the teacher's silently
+        raise StudentError(f"--student {spec}: has tokenizer files ({', '.join(present)}) that do not load as a "
+                           f"tokenizer ({type(e).__name__}: {e}); complete them (tokenizer_config.json) or remove them "
+                           "to train with the teacher's tokenizer from the cache") from e
 
 
 def check_vocabulary(student: torch.nn.Module, student_tok, teacher_tok, reader: CacheReader) -> None:

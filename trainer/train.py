@@ -22,7 +22,7 @@ from storage import CacheError, CacheReader, Cursor
 
 from .adakd import AdaKDConfig, LATFState, latf_update
 from .batches import Batch, batches
-from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
 from .head import final_hidden, output_head
 from .kd_loss import LossConfig, kd_loss
 from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, student_tokenizer,
@@ -51,6 +51,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     save_every: int = 0  # optimizer steps; 0: only at the end
+    keep_last: int = 0  # checkpoints kept on disk (the newest); 0: all
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run: time-sliced jobs
     log_every: int = 1
     fsdp: bool = False
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         st, opt_state = load_training_state(ckpt)
-        _load_states(model, opt, _load_model_weights(ckpt / "model"), opt_state, cfg.fsdp and world > 1)
+        _load_states(model, opt, _load_model_weights(ckpt / "model"), opt_state, cfg.fsdp and world > 1, ckpt)
         if st.get("world") != world:
             raise TrainError(f"{ckpt}: saved with {st.get('world')} process(es), resumed with {world}; use the same world size")
         step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
@@ -313,9 +314,28 @@ def _full_states(model, opt, sharded: bool):
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
 
 
-def _load_states(model, opt, model_sd, opt_sd, sharded: bool) -> None:
+def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Each state-dict key -> the other keys sharing its storage (tied embeddings are saved once)."""
+    by_ptr: dict[int, set[str]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(t.data_ptr(), set()).add(key)
+    return {key: keys - {key} for keys in by_ptr.values() for key in keys}
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
+    """Load saved weights; a key missing only because its tensor is tied to a saved one (lm_head = embeddings)
+    is fine, anything else is a damaged checkpoint."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    aliases = _tied_aliases(model)
+    lost = [k for k in missing if not aliases.get(k, set()) & sd.keys()]
+    if lost or unexpected:
+        raise TrainError(f"{where}: the checkpoint's weights do not fit the student (missing {lost[:4]}, unexpected "
+                         f"{list(unexpected)[:4]}); resume with the same --student, or --out a new directory")
+
+
+def _load_states(model, opt, model_sd, opt_sd, sharded: bool, where: Path) -> None:
     if not sharded:
-        model.load_state_dict(model_sd)
+        load_weights(model, model_sd, where)
         opt.load_state_dict(opt_sd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
@@ -334,6 +354,7 @@ def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, dev
             save_checkpoint(out, step, model, tok, opt_state, state, cursors, model_state)
         except CheckpointError as e:
             raise TrainError(str(e)) from e
+        prune_checkpoints(out, cfg.keep_last)
     if world > 1:
         dist.barrier()
     return model_state
@@ -363,6 +384,23 @@ class _nullcontext:
         return False
 
 
+def _open_log(path: Path, start: int):
+    """The step log for appending, without the steps after `start` that an interrupted run logged past its
+    last checkpoint (they are run again), so every step appears once."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start:
+                    keep.append(line + "\n")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line torn by a kill
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
 class _Log:
     """JSONL per step (rank 0), a progress bar, optional TensorBoard, and data for --plot."""
 
@@ -375,7 +413,7 @@ class _Log:
         if rank != 0:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "train_log.jsonl", "a")
+        self.file = _open_log(out / "train_log.jsonl", start)
         if cfg.progress:
             from tqdm import tqdm
 
@@ -418,28 +456,38 @@ class _Log:
             self.tb.close()
         if self.cfg.plot and self.history:
             T = self.cfg.loss.temperature
-            plot_training(self.history, self.temp_hist, T, str(self.out / "train_plot.png"))
+            cfg = self.cfg
+            title = (f"{self.out.name}: {cfg.loss.loss}" + (" + AdaKD" if cfg.loss.adakd.enabled else "")
+                     + f", a = {cfg.loss.kd_weight:g}, T = {T:g}, student {Path(cfg.student).name}")
+            plot_training(self.history, self.temp_hist, T, str(self.out / "train_plot.png"), title, cfg.loss.kd_weight)
             hist = {"edges": np.linspace(T * 0.5, T * 2.0, len(self.temp_hist) + 1).tolist(), "counts": self.temp_hist.tolist()}
             (self.out / "temperatures.json").write_text(json.dumps(hist))  # this run's steps, for comparisons across runs
 
 
-def plot_training(history: list[dict[str, Any]], temp_hist: np.ndarray, base_t: float, path: str) -> None:
+def plot_training(history: list[dict[str, Any]], temp_hist: np.ndarray, base_t: float, path: str, title: str = "",
+                  kd_weight: float = 1.0) -> None:
+    """Loss, LATF ratio and temperatures, one quantity per axis (KD and CE are different quantities)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    ax[0].plot(steps, [r["loss"] for r in history], label="loss")
-    ax[0].plot(steps, [r["kd"] for r in history], label="KD part", alpha=0.7)
-    ax[0].set(title="training loss", xlabel="step")
-    ax[0].legend()
-    ax[1].plot(steps, [r["latf_ratio"] for r in history], color="#aa3366")
-    ax[1].set(title="LATF selection ratio", xlabel="step", ylim=(0, 1.05))
+    ce = kd_weight < 1
+    fig, ax = plt.subplots(1, 4 if ce else 3, figsize=(18 if ce else 14, 4.2))
+    ax[0].plot(steps, [r["kd"] for r in history], color="#3366aa")
+    ax[0].set(title="KD loss (distilled positions)", xlabel="optimizer step", ylabel="mean T_i² · D (nats)")
+    panels = ax[1:]
+    if ce:
+        panels[0].plot(steps, [r["ce"] for r in history], color="#444444")
+        panels[0].set(title="cross-entropy of the true tokens", xlabel="optimizer step", ylabel="nats per position")
+        panels = panels[1:]
+    panels[0].plot(steps, [r["latf_ratio"] for r in history], color="#aa3366")
+    panels[0].set(title="LATF: share of positions distilled", xlabel="optimizer step", ylabel="ratio r", ylim=(0, 1.05))
     edges = np.linspace(base_t * 0.5, base_t * 2.0, len(temp_hist) + 1)
-    ax[2].bar(edges[:-1], temp_hist, width=np.diff(edges), align="edge", color="#3366aa")
-    ax[2].set(title="per-token temperatures (IDTS)", xlabel="T")
+    panels[1].bar(edges[:-1], temp_hist, width=np.diff(edges), align="edge", color="#3366aa")
+    panels[1].set(title="IDTS per-token temperatures, all steps", xlabel="temperature T_i", ylabel="distilled positions")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
