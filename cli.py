@@ -9,9 +9,12 @@ import click
 
 import storage
 
+# transformers' "Loading weights" bars on every model load are noise in a command's output (our own bars stay)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-LOSSES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl"]  # trainer.losses.DIVERGENCES, without importing torch
+LOSSES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "abkd"]  # trainer.losses.DIVERGENCES, without importing torch
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
@@ -106,7 +109,7 @@ Guide: docs/train-student.md""")
 @click.option("--cache", help="Cache written by cache-teacher.")
 @click.option("--student", help="Student: a Hugging Face model directory (pretrained) or a config.json (random init).")
 @click.option("--out", help="Output directory: checkpoints/, final/, train_log.jsonl.")
-@click.option("--loss", type=click.Choice(LOSSES), default="rkl", show_default=True, help="Base divergence (forward/reverse KL, Jensen-Shannon, skew forward/reverse KL, total variation, adaptive KL).")
+@click.option("--loss", type=click.Choice(LOSSES), default="rkl", show_default=True, help="Base divergence (forward/reverse KL, Jensen-Shannon, skew forward/reverse KL, total variation, adaptive KL, alpha-beta divergence).")
 @click.option("--adakd/--no-adakd", default=True, show_default=True, help="AdaKD (LATF + IDTS) on top of the base divergence.")
 @click.option("--no-latf", is_flag=True, help="AdaKD without token focusing (ablation).")
 @click.option("--no-idts", is_flag=True, help="AdaKD without per-token temperatures (ablation).")
@@ -115,6 +118,8 @@ Guide: docs/train-student.md""")
 @click.option("--temperature-scale", type=float, default=0.5, show_default=True, help="IDTS scale c.")
 @click.option("--jsd-beta", type=float, default=0.1, show_default=True, help="JSD: the teacher's weight in the mixture.")
 @click.option("--skew", type=float, default=0.1, show_default=True, help="Skew KL weight.")
+@click.option("--abkd-alpha", type=float, default=0.2, show_default=True, help="abkd: alpha, the power of the teacher's probabilities (>= 0; alpha 1, beta 0 is forward KL).")
+@click.option("--abkd-beta", type=float, default=0.7, show_default=True, help="abkd: beta, the power of the student's probabilities (>= 0; alpha 0, beta 1 is reverse KL).")
 @click.option("--akl-mu", type=float, default=0.5, show_default=True, help="AKL head mass.")
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW; linear warm-up, cosine decay to 10%).")
 @click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay (matrices only; not biases and norms).")
@@ -168,7 +173,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     try:
         loss = LossConfig(
             loss=o["loss"], kd_weight=o["kd_weight"], temperature=o["temperature"], jsd_beta=o["jsd_beta"], skew=o["skew"],
-            akl_mu=o["akl_mu"], chunk_positions=o["chunk_positions"],
+            akl_mu=o["akl_mu"], abkd_alpha=o["abkd_alpha"], abkd_beta=o["abkd_beta"], chunk_positions=o["chunk_positions"],
             adakd=AdaKDConfig(latf=o["adakd"] and not o["no_latf"], idts=o["adakd"] and not o["no_idts"],
                               temperature_scale=o["temperature_scale"]),
         )

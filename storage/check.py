@@ -153,6 +153,20 @@ def format_summary(s: Summary) -> str:
     return "\n".join(lines)
 
 
+def _level_edges(step: float, min_width: float = 0.04) -> np.ndarray:
+    """Bin edges for probabilities decoded from log-probabilities quantized to `step` nats: each edge lies
+    midway between two representable values, so every bin holds whole quantization levels (no bin is
+    empty or doubled only because of the coding); bins at least `min_width` wide."""
+    edges, j = [1.0], 0
+    while edges[-1] > min_width:
+        j += 1
+        edge = float(np.exp(-(j - 0.5) * step))
+        if edges[-1] - edge >= min_width:
+            edges.append(edge)
+    edges.append(0.0)
+    return np.array(edges[::-1])
+
+
 def plot_summary(s: Summary, path: str) -> None:
     import matplotlib
 
@@ -161,14 +175,16 @@ def plot_summary(s: Summary, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     k = s.manifest.info.k
-    # 25 bins of 0.04: wider than the gaps between quantized values (1 - e^(-1/32) = 0.031 near p = 1), so no
-    # bin is empty only because of the 1/32-nat coding
-    axes[0].hist(s.topk_mass, bins=25, range=(0, 1), color="#3366aa")
+    mass = np.clip(s.topk_mass, 0.0, 1.0)  # quantized sums can pass 1 by a hair
+    axes[0].hist(mass, bins=25, range=(0, 1), color="#3366aa")
     axes[0].set(title=f"top-{k} probability mass per position", xlabel="teacher probability mass in the top-k",
                 ylabel="trained positions")
-    axes[1].hist(s.top1_prob, bins=25, range=(0, 1), color="#aa6633")
+    edges = _level_edges(s.manifest.info.encoding.lp_step)
+    counts, _ = np.histogram(np.clip(s.top1_prob, 0.0, 1.0), bins=edges)
+    widths = np.diff(edges)
+    axes[1].bar(edges[:-1], counts / max(counts.sum(), 1) / widths, width=widths, align="edge", color="#aa6633")
     axes[1].set(title="teacher top-1 probability", xlabel="probability of the teacher's most likely token",
-                ylabel="trained positions")
+                ylabel="% of positions per 0.01 of probability", xlim=(0, 1))
     fig.suptitle(f"{s.manifest.info.teacher.get('name_or_path')}: {len(s.topk_mass):,} positions")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -7,16 +7,27 @@ import math
 import pytest
 import torch
 
-from trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, latf_update, select
+from trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, latf_update, past_warmup, select
 from trainer.kd_loss import LossConfig, Targets, kd_loss
 from trainer.losses import DIVERGENCES, hellinger, student_buckets, teacher_buckets
 
 V = 11
 
 
-def dense_div(name: str, lp: torch.Tensor, lq: torch.Tensor, beta=0.1, skew=0.1, mu=0.5) -> torch.Tensor:
+def dense_div(name: str, lp: torch.Tensor, lq: torch.Tensor, beta=0.1, skew=0.1, mu=0.5, ab=(0.2, 0.7)) -> torch.Tensor:
     """Each divergence written directly on full distributions."""
     p, q = lp.exp(), lq.exp()
+    if name == "abkd":  # the ABKD / AdaKD code's ab_div, case by case, on probabilities (no zeros here)
+        a, b = ab
+        if a == 0 and b == 0:
+            return 0.5 * ((q.log() - p.log()) ** 2).sum(-1)
+        if a == 0:
+            return (1 / b) * (q ** b * torch.log(q ** b / p ** b) - q ** b + p ** b).sum(-1)
+        if b == 0:
+            return (1 / a) * (p ** a * torch.log(p ** a / q ** a) - p ** a + q ** a).sum(-1)
+        if a + b == 0:
+            return ((1 / a) * (torch.log(q ** a / p ** a) + p ** a / q ** a - 1)).sum(-1)
+        return -(p ** a * q ** b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)).sum(-1) / (a * b)
     kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
     if name == "fkl":
         return kl(p, q)
@@ -115,7 +126,7 @@ def dense_adakd(hidden, weight, teacher, name, ratio, T_base, c, latf=True, idts
     return (T ** 2 * d).mean(), sel, T
 
 
-@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "akl"])
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "akl", "abkd"])
 @pytest.mark.parametrize("latf,idts", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("chunk", [4, 1000])  # several chunks (recomputed logits) / one chunk (logits reused)
 def test_adakd_matches_dense_reference(data, name, latf, idts, chunk):
@@ -221,7 +232,7 @@ def test_no_valid_position_gives_zero_not_nan():
 
 
 def test_unknown_loss_is_refused():
-    with pytest.raises(ValueError, match="unknown loss 'kl2'.*fkl, rkl, jsd, sfkl, srkl, tvd, akl"):
+    with pytest.raises(ValueError, match="unknown loss 'kl2'.*fkl, rkl, jsd, sfkl, srkl, tvd, akl, abkd"):
         LossConfig(loss="kl2")
 
 
@@ -268,3 +279,157 @@ def test_a_tail_rounded_to_zero_keeps_every_loss_finite(data, name):
     out = kd_loss(h, w, t, LossConfig(loss=name, chunk_positions=4), LATFState())
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+# ---- alpha-beta divergence ------------------------------------------------------------------------------------
+
+AB_CASES = [(0.2, 0.7), (0.5, 0.5), (1.3, 0.4), (0.0, 0.0), (0.0, 0.7), (0.0, 1.0), (1.0, 0.0), (0.5, 0.0), (2.0, 3.0)]
+
+
+@pytest.mark.parametrize("ab", AB_CASES + [(-0.5, 0.5), (0.6, -0.6)])  # a + b = 0: only reachable here, not via LossConfig
+@pytest.mark.parametrize("temp", [1.0, 2.0, "per-token"])
+def test_abkd_sparse_equals_the_official_dense_formula_when_k_is_vocabulary(data, ab, temp):
+    hidden, weight, teacher, labels = data
+    z = hidden @ weight.t()
+    T = torch.linspace(0.6, 1.8, len(z), dtype=torch.float64) if temp == "per-token" else temp
+    t = full_targets(teacher, labels)
+    sparse = DIVERGENCES["abkd"](teacher_buckets(t.topk_logprobs, t.tail_logmass, V, T), student_buckets(z, t.topk_ids, T),
+                                 abkd_alpha=ab[0], abkd_beta=ab[1])
+    Tc = T.unsqueeze(-1) if isinstance(T, torch.Tensor) else T
+    dense = dense_div("abkd", (teacher / Tc).log_softmax(-1), (z / Tc).log_softmax(-1), ab=ab)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    # with a < 0 the official a + b = 0 case is 1/a (not 1/a^2) times a non-negative sum: negative, no divergence
+    assert (sparse >= -1e-12).all() if min(ab) >= 0 or ab[0] > 0 else (sparse < 0).all()
+
+
+def test_abkd_known_cases(data):
+    hidden, weight, teacher, labels = data
+    lp, lq = teacher.log_softmax(-1), (hidden @ weight.t()).log_softmax(-1)
+    ab = lambda a, b, x=lp, y=lq: DIVERGENCES["abkd"](x, y, abkd_alpha=a, abkd_beta=b)  # noqa: E731
+    torch.testing.assert_close(ab(1.0, 0.0), DIVERGENCES["fkl"](lp, lq))  # a = 1, b = 0: forward KL
+    torch.testing.assert_close(ab(0.0, 1.0), DIVERGENCES["rkl"](lp, lq))  # a = 0, b = 1: reverse KL
+    torch.testing.assert_close(ab(0.0, 0.0), 0.5 * ((lp - lq) ** 2).sum(-1))  # log-Euclidean
+    torch.testing.assert_close(ab(0.2, 0.7, lp, lp), torch.zeros(len(lp), dtype=torch.float64), atol=1e-12, rtol=0)
+    # the general formula is continuous into Cichocki's limits; at a = 1 / b = 1 they are the official special cases
+    torch.testing.assert_close(ab(1.0, 1e-7), ab(1.0, 0.0), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ab(1e-7, 1.0), ab(0.0, 1.0), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ab(1e-6, 1e-6), ab(0.0, 0.0), rtol=1e-4, atol=1e-9)
+    # elsewhere the official b = 0 (a = 0) case divides by a (b), not a^2 (b^2): a (b) times the limit (documented)
+    torch.testing.assert_close(0.5 * ab(0.5, 1e-7), ab(0.5, 0.0), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(0.7 * ab(1e-7, 0.7), ab(0.0, 0.7), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("ab", AB_CASES)
+def test_abkd_chunked_gradients_equal_dense_autograd(data, ab):
+    hidden, weight, teacher, labels = data
+    cfg = LossConfig(loss="abkd", kd_weight=0.7, temperature=1.5, abkd_alpha=ab[0], abkd_beta=ab[1],
+                     adakd=AdaKDConfig(latf=False, idts=False), chunk_positions=2)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = kd_loss(h1, w1, full_targets(teacher, labels), cfg)
+    out.loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    z = h2 @ w2.t()
+    d = dense_div("abkd", (teacher / 1.5).log_softmax(-1), (z / 1.5).log_softmax(-1), ab=ab)
+    loss = 0.3 * torch.nn.functional.cross_entropy(z, labels) + 0.7 * (1.5 ** 2 * d).mean()
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("ab", [(0.2, 0.7), (0.0, 0.0), (0.0, 0.7), (0.5, 0.0)])
+def test_abkd_gradcheck_numerically_with_a_tail(data, ab):
+    hidden, weight, teacher, labels = data
+    t = full_targets(teacher, labels, k=4)
+    cfg = LossConfig(loss="abkd", kd_weight=0.8, temperature=1.7, abkd_alpha=ab[0], abkd_beta=ab[1],
+                     adakd=AdaKDConfig(latf=False, idts=False), chunk_positions=3)
+    h = hidden[:5].clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    f = lambda a, b: kd_loss(a, b, t.index(torch.arange(5)), cfg).loss  # noqa: E731
+    assert torch.autograd.gradcheck(f, (h, w), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("option,field", [("--abkd-alpha", "abkd_alpha"), ("--abkd-beta", "abkd_beta")])
+@pytest.mark.parametrize("value", [-0.1, -1.0, math.inf, math.nan])
+def test_abkd_parameters_out_of_range_are_refused(option, field, value):
+    with pytest.raises(ValueError, match=f"^{option} must be a finite number >= 0, not {value}$"):
+        LossConfig(loss="abkd", **{field: value})
+    assert LossConfig(loss="abkd", **{field: 0.0}).divergence_kwargs()[field] == 0.0
+
+
+# ---- LATF warm-up counting against the official loop ---------------------------------------------------------
+
+def official_latf(losses, total, warmup_iters, decay=0.99, loss_ratio_eps=0.05, sample_ratio_eps=0.05):
+    """SassyRong/AdaKD distillation.py's finetune loop, LATF lines only, transcribed literally (gradient
+    accumulation 1, so one iteration = one optimizer step). Returns (ratio, reference) after each iteration."""
+    step, global_step = 1, 1
+    sample_ratio = 1.0
+    ema = None  # utils.LossEma
+    prev_interval_ema_loss = None
+    out = []
+    for global_distil_loss in losses:
+        ema = global_distil_loss if ema is None else decay * ema + (1 - decay) * global_distil_loss
+        cur_ema_loss = ema
+        if prev_interval_ema_loss is not None:
+            delta_ema_loss = prev_interval_ema_loss - cur_ema_loss
+            loss_eps = prev_interval_ema_loss * loss_ratio_eps
+            if delta_ema_loss < -loss_eps:
+                sample_ratio = min(sample_ratio * (1 + sample_ratio_eps), 1.0)
+                prev_interval_ema_loss = cur_ema_loss
+            elif delta_ema_loss > loss_eps:
+                sample_ratio = max(sample_ratio * (1 - sample_ratio_eps), 0.1)
+                prev_interval_ema_loss = cur_ema_loss
+        elif prev_interval_ema_loss is None and global_step > warmup_iters * total:
+            prev_interval_ema_loss = cur_ema_loss
+        out.append((sample_ratio, prev_interval_ema_loss))
+        step += 1
+        if step % 1 == 0:
+            global_step += 1
+        if global_step > total:
+            break
+    return out
+
+
+def _loss_curve(total: int) -> list[float]:
+    """Falls, rises and falls again, with wiggles: moves the ratio both ways."""
+    return [2.0 + 1.5 * math.cos(2 * math.pi * i / max(4, total / 3)) + 0.3 * math.sin(1.7 * i) + 3.0 / (1 + i)
+            for i in range(total)]
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 20, 30, 100, 333])
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.05, 0.1, 0.29, 0.5, 1.0])
+@pytest.mark.parametrize("decay", [0.99, 0.8, 0.0])
+def test_latf_trajectory_matches_the_official_loop(total, fraction, decay):
+    losses = _loss_curve(total)
+    ref = official_latf(losses, total, fraction, decay=decay)
+    cfg = AdaKDConfig(ema_decay=decay)
+    st = LATFState()
+    ours = []
+    for step in range(total):  # train.py: 0-based step, update after the optimizer step, before step += 1
+        latf_update(st, losses[step], past_warmup=past_warmup(step, total, fraction), cfg=cfg)
+        ours.append((st.ratio, st.reference))
+    assert ours == ref  # exact: the same float operations in the same order
+    set_at = next((i + 1 for i, (_, r) in enumerate(ours) if r is not None), None)  # 1-based iteration
+    expected = math.floor(fraction * total) + 1  # the official first iteration with global_step > fraction * total
+    assert set_at == (expected if expected <= total else None)
+
+
+@pytest.mark.parametrize("total,fraction,iteration", [
+    (30, 0.05, 2),  # 1.5: the first global step above it is 2 (the LR warm-up, int(1.5) = 1 step, is unchanged)
+    (100, 0.05, 6),  # 5.0 exactly: strictly past it, iteration 6 (the old `step + 1 >= warm` rule: 5)
+    (20, 0.0, 1),  # no warm-up: the first iteration
+    (30, 0.1, 4),  # 0.1 * 30 = 3.0000000000000004 in floats: still 4
+    (100, 0.29, 29),  # 0.29 * 100 = 28.999999999999996 in floats, as in the official code: 29, not 30
+    (10, 1.0, None),  # never within the run
+])
+def test_latf_reference_is_set_at_the_official_iteration(total, fraction, iteration):
+    first = next((s + 1 for s in range(total) if past_warmup(s, total, fraction)), None)
+    assert first == iteration
+    assert all(past_warmup(s, total, fraction) for s in range(first or total, total))  # monotone
+
+
+def test_latf_trajectory_exercises_both_directions():
+    losses = _loss_curve(100)
+    ratios = [r for r, _ in official_latf(losses, 100, 0.05, decay=0.8)]
+    moves = {(b > a) - (b < a) for a, b in zip(ratios, ratios[1:])}
+    assert {1, -1} <= moves

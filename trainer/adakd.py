@@ -27,6 +27,18 @@ class AdaKDConfig:
         return self.latf or self.idts
 
 
+def past_warmup(step: int, total: int, fraction: float) -> bool:
+    """Whether the optimizer step about to be counted is past LATF's warm-up, counted as the official code does.
+
+    `step` is 0-based (the number of optimizer steps already taken). The official loop numbers its
+    iterations from 1 (global_step = step + 1) and sets the reference at the first iteration with
+    `global_step > warmup_fraction * total`, the product real-valued and in Python floats, as there: the
+    reference is set at 1-based iteration floor(fraction * total) + 1 (0.05 * 30 = 1.5: iteration 2; 0.05 * 100
+    = 5.0: iteration 6; fraction 0: iteration 1). The LR warm-up (int-rounded, at least one step) is separate.
+    """
+    return step + 1 > fraction * total
+
+
 @dataclass
 class LATFState:
     """The loss-trend controller's state; saved in checkpoints."""
@@ -34,6 +46,7 @@ class LATFState:
     ratio: float = 1.0
     ema: float | None = None
     reference: float | None = None
+
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,7 +57,12 @@ class LATFState:
 
 
 def latf_update(state: LATFState, loss: float, past_warmup: bool, cfg: AdaKDConfig) -> None:
-    """One iteration of the controller, with the (data-parallel averaged) distillation loss value."""
+    """One iteration of the controller, with the (data-parallel averaged) distillation loss value.
+
+    Called once per optimizer step, after it, with `past_warmup=past_warmup(step, total, warmup_fraction)`
+    (`step` 0-based, before the increment). The first call past the warm-up sets the reference R = E and
+    moves nothing; later calls compare E with R.
+    """
     state.ema = loss if state.ema is None else cfg.ema_decay * state.ema + (1 - cfg.ema_decay) * loss
     if not past_warmup:
         return

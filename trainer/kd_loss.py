@@ -15,6 +15,7 @@ loss = (1 - a) * mean CE(true tokens) + a * mean over selected positions of T_i^
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,8 @@ class LossConfig:
     jsd_beta: float = 0.1
     skew: float = 0.1
     akl_mu: float = 0.5
+    abkd_alpha: float = 0.2
+    abkd_beta: float = 0.7
     adakd: AdaKDConfig = field(default_factory=AdaKDConfig)
     chunk_positions: int = 1024  # memory: chunk x vocabulary float32 (x2 while CE and KD mix)
 
@@ -44,9 +47,13 @@ class LossConfig:
         for option, value in (("--jsd-beta", self.jsd_beta), ("--skew", self.skew), ("--akl-mu", self.akl_mu)):
             if not 0.0 <= value <= 1.0:  # mixture weights and a mass: outside [0, 1] the divergence is NaN
                 raise ValueError(f"{option} must be within [0, 1], not {value}")
+        for option, value in (("--abkd-alpha", self.abkd_alpha), ("--abkd-beta", self.abkd_beta)):
+            if not (math.isfinite(value) and value >= 0):  # negative powers of near-zero probabilities overflow
+                raise ValueError(f"{option} must be a finite number >= 0, not {value}")
 
     def divergence_kwargs(self) -> dict:
-        return {"jsd_beta": self.jsd_beta, "skew": self.skew, "akl_mu": self.akl_mu}
+        return {"jsd_beta": self.jsd_beta, "skew": self.skew, "akl_mu": self.akl_mu,
+                "abkd_alpha": self.abkd_alpha, "abkd_beta": self.abkd_beta}
 
 
 @dataclass

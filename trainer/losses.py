@@ -117,8 +117,55 @@ def akl(lp, lq, akl_mu: float = 0.5, **_):
     return (g_head / denom) * _kl(lp, lq) + (g_tail / denom) * _kl(lq, lp)
 
 
+def abkd(lp, lq, abkd_alpha: float = 0.2, abkd_beta: float = 0.7, **_):
+    """Alpha-beta divergence D_AB^(a, b)(p || q) (Cichocki, Cruces & Amari, "Generalized Alpha-Beta Divergences
+    and Their Application to Robust Nonnegative Matrix Factorization", Entropy 13, 2011), as the ABKD code
+    computes it: Wang et al., "ABKD: Pursuing a Proper Allocation of the Probability Mass in Knowledge
+    Distillation via alpha-beta-Divergence" (ICML 2025), github.com/ghwang-s/abkd
+    `distillation_llm/distillm/losses.py::ab_div`; the official AdaKD code has the same function and formulas
+    (github.com/SassyRong/AdaKD `loss/losses.py::ab_div`, used there with a = 0.2, b = 0.7). p: teacher, q: student;
+    sums over the buckets:
+
+        a, b, a + b != 0:  -1/(a b) * sum( p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b) )
+        a = b = 0:         1/2 * sum( (ln q - ln p)^2 )
+        a = 0, b != 0:     1/b * sum( q^b ln(q^b / p^b) - q^b + p^b )
+        b = 0, a != 0:     1/a * sum( p^a ln(p^a / q^a) - p^a + q^a )
+        a + b = 0, a != 0: 1/a * sum( ln(q^a / p^a) + p^a / q^a - 1 )
+
+    a = 1, b = 0 is KL(p || q) (forward KL); a = 0, b = 1 is KL(q || p) (reverse KL). The general case and
+    a = b = 0 are Cichocki's; in the three other special cases the official code divides by a (resp. b) where
+    Cichocki's limits of the general case divide by a^2 (resp. b^2, a^2): they are a (resp. b, a) times those
+    limits, equal to them only at a = 1 (resp. b = 1), so the value jumps when b (resp. a, a + b) reaches
+    0 elsewhere. Kept as the official code has it. LossConfig refuses negative a and b (negative powers of
+    near-zero probabilities overflow, and with a < 0 the official a + b = 0 case is negative), so a + b = 0 is
+    reachable there only as a = b = 0.
+
+    An empty bucket (both probabilities zero: the tail when k = V) contributes nothing, as a masked token
+    does in the official code. Powers and ratios are taken in log space (p^a = exp(a ln p)), so underflowed
+    powers give no 0/0.
+    """
+    a, b = float(abkd_alpha), float(abkd_beta)
+    empty = torch.isneginf(lp) & torch.isneginf(lq)
+    # -inf -> LOG_FLOOR: exp() of it is 0 and differences stay finite, so neither values nor gradients get NaN
+    lp, lq = lp.clamp_min(LOG_FLOOR), lq.clamp_min(LOG_FLOOR)
+    if a == 0 and b == 0:
+        terms = 0.5 * (lq - lp).pow(2)
+    elif a == 0:
+        q_b = torch.exp(b * lq)
+        terms = q_b * (lq - lp) - (q_b - torch.exp(b * lp)) / b
+    elif b == 0:
+        p_a = torch.exp(a * lp)
+        terms = p_a * (lp - lq) - (p_a - torch.exp(a * lq)) / a
+    elif a + b == 0:
+        terms = (lq - lp) + (torch.exp(a * (lp - lq)) - 1) / a
+    else:
+        s = a + b
+        terms = -(torch.exp(a * lp + b * lq) - (a / s) * torch.exp(s * lp) - (b / s) * torch.exp(s * lq)) / (a * b)
+    return torch.where(empty, torch.zeros_like(terms), terms).sum(-1)
+
+
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
-    "fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl,
+    "fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl, "abkd": abkd,
 }
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from storage import CacheError, CacheReader, Cursor
 
-from .adakd import AdaKDConfig, LATFState, latf_update
+from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
 from .batches import Batch, batches
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
 from .head import final_hidden, output_head
@@ -197,7 +197,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
         cursor = Cursor.from_json(st["cursors"][rank]) if st["cursors"][rank] else None
     log = _Log(out, rank, cfg, total, step)
-    warm_steps = max(1, int(cfg.warmup_fraction * total))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     t_last, tokens_since = time.perf_counter(), 0
     stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
@@ -244,7 +243,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 kd = _allreduce_mean(float(np.mean(kd_vals)), world, device)
                 ce = _allreduce_mean(float(np.mean(ce_vals)), world, device)
                 if cfg.loss.kd_weight > 0 and cfg.loss.adakd.latf:
-                    latf_update(latf, kd, past_warmup=step + 1 >= warm_steps, cfg=cfg.loss.adakd)
+                    latf_update(latf, kd, past_warmup=past_warmup(step, total, cfg.warmup_fraction), cfg=cfg.loss.adakd)
                 step += 1
                 epoch_steps += 1
                 cursor = micro[-1].cursor
