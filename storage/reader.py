@@ -3,15 +3,18 @@
 The unit of order and of partitioning is a block (a record batch of a shard). The block list, optionally
 shuffled by a seed, is cut into `world` contiguous ranges, so each rank decodes only its own blocks and
 touches few shard files. A background thread reads, checks (sha256) and decodes ahead into a bounded
-queue, so memory depends on the block size and the prefetch depth, never on the cache's size.
+queue, so memory depends on the block size and the prefetch depth, never on the cache's size. The thread
+ends with its stream (exhausted, closed, collected) or, for a stream still open, at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import queue
 import threading
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -116,7 +119,8 @@ class CacheReader:
         if prefetch <= 0:
             yield from zip(range(start, start + len(units)), self._decode_all(units))
             return
-        yield from zip(range(start, start + len(units)), _prefetched(self._decode_all(units), prefetch))
+        with closing(_prefetched(self._decode_all(units), prefetch)) as ahead:  # closed here, not left to the GC
+            yield from zip(range(start, start + len(units)), ahead)
 
     def _decode_all(self, units: list[BlockRef]) -> Iterator[tuple[BlockRef, DecodedBlock]]:
         current: tuple[int, ShardFile] | None = None
@@ -153,49 +157,106 @@ class SequenceStream:
     def __iter__(self) -> Iterator[SequenceTargets]:
         c = self.cursor
         n_units = len(self.reader.units(c.rank, c.world, c.seed))
-        for unit, (ref, block) in self.reader.blocks(c.rank, c.world, c.seed, start=c.unit, prefetch=self._prefetch):
-            first = c.row if unit == c.unit else 0
-            if first > ref.rows:
-                raise CacheError(f"cursor row {first} is past the end of unit {unit} ({ref.rows} rows)")
-            for i in range(first, ref.rows):
-                last = i + 1 == ref.rows
-                self.cursor = Cursor(unit + 1 if last else unit, 0 if last else i + 1, c.rank, c.world, c.seed, c.cache)
-                yield block.sequence(ref.lo + i)
+        with closing(self.reader.blocks(c.rank, c.world, c.seed, start=c.unit, prefetch=self._prefetch)) as blocks:
+            for unit, (ref, block) in blocks:
+                first = c.row if unit == c.unit else 0
+                if first > ref.rows:
+                    raise CacheError(f"cursor row {first} is past the end of unit {unit} ({ref.rows} rows)")
+                for i in range(first, ref.rows):
+                    last = i + 1 == ref.rows
+                    self.cursor = Cursor(unit + 1 if last else unit, 0 if last else i + 1, c.rank, c.world, c.seed, c.cache)
+                    yield block.sequence(ref.lo + i)
         self.cursor = Cursor(n_units, 0, c.rank, c.world, c.seed, c.cache)
 
 
 _DONE = object()
 
 
-def _prefetched(it: Iterator[DecodedBlock], depth: int) -> Iterator[DecodedBlock]:
-    """Run `it` in a daemon thread, `depth` items ahead; errors surface in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class _Prefetcher:
+    """A daemon thread running `it` at most `depth` items ahead of its consumer, through a bounded queue.
 
-    def work() -> None:
+    It is stopped and joined when its consumer closes and, for streams still open then, at interpreter exit
+    (`atexit` runs before daemon threads are torn down). A daemon thread that wants the GIL back while the
+    interpreter finalizes is ended by pthread_exit; inside C++ code (pyarrow freeing a shard reader, even
+    just after a stream's last block) that aborts the process: "terminate called without an active exception".
+    """
+
+    live: set["_Prefetcher"] = set()  # started and not yet joined
+
+    def __init__(self, it: Iterator, depth: int):
+        self._it = it
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="adakd-prefetch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        _Prefetcher.live.add(self)
+
+    def get(self) -> object:
+        return self._q.get()
+
+    def _put(self, item: object) -> bool:
+        """Wait for room in the queue, giving up once stopped (the consumer is gone)."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
         try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for item in self._it:
+                if not self._put(item):
                     return
-            q.put(_DONE)
+            self._put(_DONE)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            self._put(e)
+        finally:
+            close = getattr(self._it, "close", None)
+            if close is not None:  # in this thread: the source is suspended here, not running elsewhere
+                close()
 
-    t = threading.Thread(target=work, name="adakd-prefetch", daemon=True)
-    t.start()
+    def stop(self) -> None:
+        """Ask the thread to end after its current item; emptying the queue wakes a blocked put at once."""
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+
+    def join(self) -> None:
+        if self._thread is threading.current_thread():  # closed by a garbage collection run in this thread
+            return
+        self._thread.join()
+        _Prefetcher.live.discard(self)
+
+
+@atexit.register
+def _stop_all_prefetchers() -> None:
+    """Stop every prefetch thread still running (streams abandoned or referenced at exit), then wait for them."""
+    running = list(_Prefetcher.live)
+    for p in running:
+        p.stop()
+    for p in running:
+        p.join()
+
+
+def _prefetched(it: Iterator[DecodedBlock], depth: int) -> Iterator[DecodedBlock]:
+    """Run `it` in a thread, `depth` items ahead; errors surface in the consumer; closing stops the thread."""
+    p = _Prefetcher(it, depth)
+    p.start()
     try:
         while True:
-            item = q.get()
+            item = p.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
-        stop.set()
+        p.stop()
+        p.join()

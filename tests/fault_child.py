@@ -13,6 +13,10 @@ calls on files whose name contains NAME count (`write:2:manifest`: the second wr
   step:K       SIGKILL just before the K-th optimizer step
   pause:K:S    sleep S seconds before the K-th os.replace, then go on (holds the writer's lock)
   slow:0:S     sleep S seconds before every os.replace (stretches a run, for concurrent readers)
+  meet:K:N     before the K-th os.replace of a shard, wait until N parties (this process included) have
+               reached the K-th meeting: each marks its arrival in $ADAKD_MEET_DIR/meet-K (faultkit.arrive
+               lets a test be a party); after $ADAKD_MEET_TIMEOUT s (default 120) it exits with status 3
+               and says so, so a missing partner fails a test instead of hanging it
 Before a fault fires it appends one line, what it hit, to $ADAKD_FAULT_LOG (if set).
 """
 
@@ -22,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 def note(what: str) -> None:
@@ -68,6 +73,26 @@ def _dest(args: tuple) -> str:
     return os.path.basename(os.fspath(args[1]))
 
 
+def meet(n: int, what: str, parties: int) -> None:
+    """Wait before publishing `what` until `parties` processes are at the n-th meeting: what must overlap then
+    provably does, however loaded the machine (no sleep decides it)."""
+    folder = Path(os.environ["ADAKD_MEET_DIR"]) / f"meet-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{what}@{os.getpid()}").touch()
+    limit = float(os.environ.get("ADAKD_MEET_TIMEOUT", "120"))
+    deadline = time.monotonic() + limit
+    while len(here := sorted(name.split("@")[0] for name in os.listdir(folder))) < parties:
+        if time.monotonic() > deadline:
+            note(f"meet #{n}: gave up before publishing {what} after {limit:g} s, {len(here)} of {parties} here: "
+                 f"{', '.join(here)}")
+            sys.stderr.write(f"fault_child: meet #{n} timed out after {limit:g} s with {len(here)} of {parties} "
+                             f"parties ({', '.join(here)})\n")
+            sys.stderr.flush()
+            os._exit(3)
+        time.sleep(0.01)
+    note(f"meet #{n}: before publishing {what}, {len(here)} of {parties} here: {', '.join(here)}")
+
+
 def arm(kind: str, at: int, arg: str = "") -> None:
     match = "" if kind in ("pause", "slow") else arg
     if kind == "write":
@@ -86,6 +111,8 @@ def arm(kind: str, at: int, arg: str = "") -> None:
     elif kind in ("pause", "slow"):
         seconds = float(arg or 1.0)
         os.replace = _counted(os.replace, at if kind == "pause" else 0, _dest, before=lambda n, a: time.sleep(seconds))
+    elif kind == "meet":
+        os.replace = _counted(os.replace, at, _dest, ".arrow", before=lambda n, a: meet(n, _dest(a), int(arg or 2)))
     elif kind == "rename":
         os.rename = _counted(os.rename, at, _dest, match, before=lambda n, a: die(f"rename #{n}: before {_dest(a)}"))
     elif kind == "fsync":

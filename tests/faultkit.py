@@ -79,6 +79,26 @@ def run_cli(argv: list[str], arms: tuple[str, ...] = (), kill_after: float | Non
     return Run(proc.returncode, out, err, wall, hit)
 
 
+# -- meetings (fault_child's `meet` arm) ----------------------------------------------------------
+def meet_env(folder: Path) -> dict[str, str]:
+    """The environment of processes armed with `meet:K:N` that are to meet in `folder`."""
+    return {"ADAKD_MEET_DIR": str(folder)}
+
+
+def at_meeting(folder: Path, n: int) -> list[str]:
+    """Who has reached the n-th meeting in `folder` (a writer: the shard it holds back)."""
+    try:
+        return sorted(name.split("@")[0] for name in os.listdir(folder / f"meet-{n}"))
+    except FileNotFoundError:
+        return []
+
+
+def arrive(folder: Path, n: int, who: str = "test") -> None:
+    """Join the n-th meeting as a party; the processes waiting there go on once all parties are in."""
+    (folder / f"meet-{n}").mkdir(parents=True, exist_ok=True)
+    (folder / f"meet-{n}" / f"{who}@{os.getpid()}").touch()
+
+
 # -- capture -------------------------------------------------------------------------------------
 @dataclass
 class CaptureSetup:
