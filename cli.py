@@ -201,11 +201,13 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
                    f"{where}; log in {result['log']}")
 
 
-@main.command("eval", short_help="Score a student: on a cache and/or by generation.", epilog="""\b
+@main.command("eval", short_help="Score a student: cache, live teacher, generation.", epilog="""\b
 Examples:
   adakd eval --model runs/student/final --cache runs/stories-test
-  adakd eval --model runs/student/final --data ../shared/data/dolly/test.jsonl --limit 50""")
+  adakd eval --model runs/student/final --data ../shared/data/dolly/test.jsonl --limit 50
+  adakd eval --model runs/student/final --teacher ../shared/models/stories260K --data ../shared/data/tinystories/test.jsonl""")
 @click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory) to evaluate.")
+@click.option("--teacher", "teacher_dir", default=None, help="Teacher directory, run live: exact full-vocabulary KL(teacher || student) and KL(student || teacher), both models' NLL and top-1 agreement, on the sequences of --cache or of the --data file read as cache-teacher reads it (instead of generation).")
 @click.option("--cache", help="Held-out cache: NLL, KL(teacher || student) on the cached support, top-1 agreement.")
 @click.option("--data", help="jsonl of `prompt`/`output` lines (MiniLLM/DistiLLM) or chat `messages` lines (the last assistant turn is the reference): generate and score ROUGE-L.")
 @click.option("--out-file", default=None, help="Where generations go [default: MODEL/generations.jsonl].")
@@ -215,21 +217,37 @@ Examples:
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Generation: sampling seed (with --do-sample).")
-@click.option("--limit", type=int, default=None, help="Only the first N prompts.")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache evaluation batch size.")
-@click.option("--max-positions", type=click.IntRange(min=1), default=None, help="Cache evaluation: at most this many positions.")
-@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Cache evaluation: cut sequences to this many tokens (a model with a shorter context).")
-def eval_cmd(model_dir: str, cache: str | None, data: str | None, out_file: str | None, max_new_tokens: int,
-             batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int, limit: int | None,
-             batch_tokens: int, max_positions: int | None, max_length: int | None) -> None:
-    """Evaluate a student: on a held-out teacher cache (--cache) and/or by generation (--data)."""
+@click.option("--limit", type=int, default=None, help="Only the first N prompts (with --teacher: the first N records of --data).")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache and --teacher evaluation: padded tokens per batch.")
+@click.option("--max-positions", type=click.IntRange(min=1), default=None, help="Cache and --teacher evaluation: at most this many trained positions (exactly, in input order).")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Cache and --teacher evaluation: cut sequences to this many tokens (a model with a shorter context).")
+def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: str | None, out_file: str | None,
+             max_new_tokens: int, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int,
+             limit: int | None, batch_tokens: int, max_positions: int | None, max_length: int | None) -> None:
+    """Evaluate a student: on a held-out teacher cache (--cache), against the live teacher (--teacher with --cache or
+    --data), and/or by generation (--data)."""
     import json
 
     from trainer.evaluate import EvalDataError, evaluate_cache, evaluate_generation
     from trainer.student import StudentError
 
+    if teacher_dir:
+        from trainer.teacher_eval import evaluate_teacher, format_line
+
+        if bool(cache) == bool(data):
+            raise click.ClickException("with --teacher give one held-out input: --cache CACHE (its sequences) or "
+                                       "--data FILE (read as cache-teacher reads it)")
+        try:
+            r = evaluate_teacher(model_dir, teacher_dir, cache=cache, data=data, batch_tokens=batch_tokens,
+                                 max_positions=max_positions, max_length=max_length, limit=limit)
+        except (StudentError, EvalDataError, storage.CacheError) as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(format_line(r))
+        click.echo(json.dumps({"teacher": r}))
+        return
     if not cache and not data:
-        raise click.ClickException("give --cache (teacher-cache metrics) and/or --data (generation + ROUGE-L)")
+        raise click.ClickException("give --cache (teacher-cache metrics) and/or --data (generation + ROUGE-L), or "
+                                   "--teacher with one of them")
     result: dict = {}
     try:
         if cache:

@@ -288,7 +288,15 @@ def train_losses(out: Path) -> dict[int, float]:
 
 def logged_steps(out: Path) -> list[int]:
     log = out / "train_log.jsonl"
-    return [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    if not log.exists():
+        return []
+    steps = []
+    for line in log.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by the kill (the re-run drops it)
+    return steps
 
 
 def resume_step(out: Path) -> int:
@@ -359,7 +367,6 @@ def train_campaign(setup: TrainSetup, reference: Path, root: Path, kills: int, r
         if out is None:
             out = root / f"run-{len(c.finals)}"
         start = resume_step(out)
-        logged = len(logged_steps(out))
         left = setup.steps - start
         ckpts = left // setup.save_every + 1  # checkpoints (and the final student) this run has to write
         if planned:
@@ -373,8 +380,13 @@ def train_campaign(setup: TrainSetup, reference: Path, root: Path, kills: int, r
             top = {"step": left, "save": 3 * ckpts, "rename": ckpts, "replace": ckpts, "fsync": 10 * ckpts}[kind]
             arm = f"{kind}:{rng.randint(1, max(1, top))}"
             r = run_cli(setup.argv(out), arms=(arm,))
-        new = logged_steps(out)[logged:]
+        steps = logged_steps(out)
+        # train-student drops the log lines past its checkpoint before it continues, so the log holds each step
+        # once: lines past `start` are this run's, and a wrong resume point shows as a gap or a repeat
+        new = [x for x in steps if x > start]
         problems = [] if not new or new[0] == start + 1 else [f"resumed at step {new[0]}, not {start + 1}"]
+        if steps != list(range(1, len(steps) + 1)):
+            problems.append(f"the step log is not 1..n, each once: {steps}")
         if r.killed:
             c.kills.append(Kill(arm, True, r.hit[-1] if r.hit else "", problems + checkpoint_problems(out)))
         elif r.rc != 0:

@@ -113,7 +113,7 @@ def test_model_code_runs_only_with_trust_remote_code(fault_capture, fault_traini
     assert r.exit_code == 1 and "cannot load the teacher" in r.output and "custom code" in r.output, r.output
     r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(setup.cache), "--student", str(evil),
                                       "--out", str(tmp_path / "s"), "--max-steps", "1", "--no-progress"], input="y\n")
-    assert r.exit_code == 1 and "cannot load the student" in r.output, r.output
+    assert r.exit_code == 1 and "--student" in r.output and "cannot load the model" in r.output, r.output
     assert not marker.exists()
     # the same directory with the flag: the code runs (in a child process, with its own module cache)
     run = run_cli([*cache_args, "--out", str(tmp_path / "c2"), "--trust-remote-code"],
