@@ -26,3 +26,14 @@ def one_core() -> None:
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     torch.set_num_threads(1)
+
+
+def replace_block(path: Path, begin: str, end: str, body: str, heading: str = "") -> None:
+    """Replace a benchmark's generated block of a docs page (appended, under `heading`, when absent), keeping the
+    hand-written text around it."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    if begin not in text:
+        text = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "") + f"{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")

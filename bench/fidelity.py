@@ -44,7 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars, as the CLI does
 
-from bench.common import SHARED  # noqa: E402
+from bench.common import SHARED, replace_block  # noqa: E402
 from demo import bin_, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,13 +353,7 @@ BEGIN, END = "<!-- bench.fidelity:begin -->", "<!-- bench.fidelity:end -->"
 
 
 def write_docs(body: str, path: Path) -> None:
-    """Replace the generated block of docs/results.md (appended with a heading when absent), keeping the rest."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    if BEGIN not in text:
-        text = text.rstrip("\n") + f"\n\n## Cache fidelity: top-k caches against the live teacher\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1] if END in rest else ""
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    replace_block(path, BEGIN, END, body, '## Cache fidelity: top-k caches against the live teacher')
 
 
 # ---------------------------------------------------------------- main

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.common import SHARED
+from bench.common import SHARED, replace_block
 from demo import bin_, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,13 +344,7 @@ BEGIN, END = "<!-- bench.quality:begin -->", "<!-- bench.quality:end -->"
 
 
 def write_docs(body: str, path: Path) -> None:
-    """Replace the generated block of docs/results.md, keeping the hand-written text around it."""
-    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1] if END in rest else ""
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    replace_block(path, BEGIN, END, body, '')
 
 
 # ---------------------------------------------------------------- main

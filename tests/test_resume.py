@@ -9,22 +9,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny import build_teacher, instruction_rows, write_jsonl
+from tiny import cached_teacher
 
 import cli
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    teacher = build_teacher(root / "teacher")
-    data = write_jsonl(root / "d.jsonl", instruction_rows(32, seed=7))
-    cache = root / "cache"
-    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
-                                      "--top-k", "8", "--engine", "hf", "--no-progress"])
-    assert r.exit_code == 0, r.output
-    cfg = json.loads((teacher / "config.json").read_text())
-    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    _, _, cache, cfg = cached_teacher(tmp_path_factory.mktemp("resume"), records=32, seed=7)
     return cache, cfg
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import make_info, make_sequence
-from tiny import build_teacher, instruction_rows, write_jsonl
+from tiny import cached_teacher
 
 import cli
 from storage import CacheReader, CacheWriter
@@ -18,14 +18,7 @@ from storage import CacheReader, CacheWriter
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ctx")
-    teacher = build_teacher(root / "teacher")
-    data = write_jsonl(root / "d.jsonl", instruction_rows(24, seed=5))
-    cache = root / "cache"
-    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
-                                      "--top-k", "8", "--engine", "hf", "--no-progress"])
-    assert r.exit_code == 0, r.output
-    cfg = json.loads((teacher / "config.json").read_text())
-    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    teacher, _, cache, cfg = cached_teacher(root)
     return teacher, cache, cfg, root
 
 

@@ -68,3 +68,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def instruction_rows(n: int = 24, seed: int = 1) -> list[dict]:
     texts = corpus(3 * n, seed)
     return [{"instruction": texts[3 * i], "input": texts[3 * i + 1] if i % 2 else "", "output": texts[3 * i + 2]} for i in range(n)]
+
+
+def cached_teacher(root: Path, records: int = 24, seed: int = 5, k: int = 8) -> tuple[Path, Path, Path, dict]:
+    """A tiny teacher, instruction data, its cache made by the real `cache-teacher`, and the config of a student
+    one layer deep and half as wide: what most training tests start from."""
+    from click.testing import CliRunner
+
+    import cli
+
+    teacher = build_teacher(root / "teacher")
+    data = write_jsonl(root / "d.jsonl", instruction_rows(records, seed=seed))
+    cache = root / "cache"
+    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
+                                      "--top-k", str(k), "--engine", "hf", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    return teacher, data, cache, cfg
