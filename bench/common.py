@@ -37,3 +37,13 @@ def replace_block(path: Path, begin: str, end: str, body: str, heading: str = ""
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1] if end in rest else ""
     path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def save_figure(fig, path: Path) -> str:
+    """Write a matplotlib figure (folders made as needed) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars, as the CLI does
 
-from bench.common import SHARED, replace_block  # noqa: E402
+from bench.common import SHARED, replace_block, save_figure  # noqa: E402
 from demo import bin_, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,10 +343,7 @@ def plot(rows: list[dict], cfg: FidelityConfig, path: Path) -> str:
         ax[0][j].legend(fontsize=6, ncol=2, loc="best")
     fig.suptitle(f"paired differences over {cfg.seeds} seeds, 95% t-intervals; band: +-{TARGET} nats")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 BEGIN, END = "<!-- bench.fidelity:begin -->", "<!-- bench.fidelity:end -->"

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.common import SHARED, replace_block
+from bench.common import SHARED, replace_block, save_figure
 from demo import bin_, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,7 +301,7 @@ def plots(root: Path, table: dict[str, dict], teacher: dict, cfg: QualityConfig,
     for a in ax[1:]:
         a.set_yticklabels([])
     fig.tight_layout()
-    files.append(_save(fig, dest / "quality_scores.png"))
+    files.append(save_figure(fig, dest / "quality_scores.png"))
     logs = {m: _log(root, m, 0) for m in names}
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for m, rows in logs.items():
@@ -321,7 +321,7 @@ def plots(root: Path, table: dict[str, dict], teacher: dict, cfg: QualityConfig,
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     fig.tight_layout()
-    files.append(_save(fig, dest / "quality_training.png"))
+    files.append(save_figure(fig, dest / "quality_training.png"))
     return files
 
 
@@ -329,15 +329,6 @@ def _log(root: Path, method: str, seed: int) -> list[dict]:
     path = root / "students" / slug(method) / f"seed{seed}" / "train_log.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     return list({r["step"]: r for r in rows}.values())
-
-
-def _save(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return str(path)
 
 
 BEGIN, END = "<!-- bench.quality:begin -->", "<!-- bench.quality:end -->"

@@ -129,6 +129,7 @@ def _padding(info) -> str:
 def format_summary(s: Summary) -> str:
     info, t = s.manifest.info, s.totals
     done = sum(w.complete for w in s.manifest.workers.values())
+    longest = s.manifest.longest_sequence()
     lines = [
         f"teacher        {info.teacher.get('name_or_path')}  ({info.teacher.get('fingerprint') or 'no fingerprint'})",
         f"tokenizer      {info.tokenizer.get('name_or_path')}  vocab {info.vocab_size}{_padding(info)}  "
@@ -137,8 +138,7 @@ def format_summary(s: Summary) -> str:
         f"targets        top-{info.k}  (log-prob step {info.encoding.lp_step:g} nats)",
         f"workers        {done}/{info.num_workers} complete",
         f"shards         {t['shards']}",
-        f"sequences      {t['sequences']:,}" + (f"  (longest {s.manifest.longest_sequence():,} tokens)"
-                                                    if s.manifest.longest_sequence() else ""),
+        f"sequences      {t['sequences']:,}" + (f"  (longest {longest:,} tokens)" if longest else ""),
         f"tokens         {t['tokens']:,}",
         f"trained pos.   {t['positions']:,}",
         f"bytes          {t['bytes']:,}  ({t['bytes'] / max(t['tokens'], 1):.1f}/token, "

@@ -75,14 +75,24 @@ def data():
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 @pytest.mark.parametrize("temp", [1.0, 2.0, "per-token"])
 def test_sparse_equals_dense_when_k_is_vocabulary(data, name, temp):
+    assert_sparse_equals_dense(data, name, temp)
+
+
+def assert_sparse_equals_dense(data, name: str, temp, **kwargs) -> torch.Tensor:
+    """The bucketed divergence at k = V against its dense form (`kwargs`: the divergence's parameters, and
+    `ab` for dense_div's abkd); returns the bucketed values."""
     hidden, weight, teacher, labels = data
     z = hidden @ weight.t()
     T = torch.linspace(0.6, 1.8, len(z), dtype=torch.float64) if temp == "per-token" else temp
     t = full_targets(teacher, labels)
-    sparse = DIVERGENCES[name](teacher_buckets(t.topk_logprobs, t.tail_logmass, V, T), student_buckets(z, t.topk_ids, T))
+    options = {k: v for k, v in kwargs.items() if k != "ab"}
+    sparse = DIVERGENCES[name](teacher_buckets(t.topk_logprobs, t.tail_logmass, V, T), student_buckets(z, t.topk_ids, T),
+                               **options)
     Tc = T.unsqueeze(-1) if isinstance(T, torch.Tensor) else T
-    dense = dense_div(name, (teacher / Tc).log_softmax(-1), (z / Tc).log_softmax(-1))
+    dense = dense_div(name, (teacher / Tc).log_softmax(-1), (z / Tc).log_softmax(-1),
+                      **({"ab": kwargs["ab"]} if "ab" in kwargs else {}))
     torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    return sparse
 
 
 def test_hellinger_sparse_equals_dense_and_lower_bounds_it(data):
@@ -289,15 +299,7 @@ AB_CASES = [(0.2, 0.7), (0.5, 0.5), (1.3, 0.4), (0.0, 0.0), (0.0, 0.7), (0.0, 1.
 @pytest.mark.parametrize("ab", AB_CASES + [(-0.5, 0.5), (0.6, -0.6)])  # a + b = 0: only reachable here, not via LossConfig
 @pytest.mark.parametrize("temp", [1.0, 2.0, "per-token"])
 def test_abkd_sparse_equals_the_official_dense_formula_when_k_is_vocabulary(data, ab, temp):
-    hidden, weight, teacher, labels = data
-    z = hidden @ weight.t()
-    T = torch.linspace(0.6, 1.8, len(z), dtype=torch.float64) if temp == "per-token" else temp
-    t = full_targets(teacher, labels)
-    sparse = DIVERGENCES["abkd"](teacher_buckets(t.topk_logprobs, t.tail_logmass, V, T), student_buckets(z, t.topk_ids, T),
-                                 abkd_alpha=ab[0], abkd_beta=ab[1])
-    Tc = T.unsqueeze(-1) if isinstance(T, torch.Tensor) else T
-    dense = dense_div("abkd", (teacher / Tc).log_softmax(-1), (z / Tc).log_softmax(-1), ab=ab)
-    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    sparse = assert_sparse_equals_dense(data, "abkd", temp, abkd_alpha=ab[0], abkd_beta=ab[1], ab=ab)
     # with a < 0 the official a + b = 0 case is 1/a (not 1/a^2) times a non-negative sum: negative, no divergence
     assert (sparse >= -1e-12).all() if min(ab) >= 0 or ab[0] > 0 else (sparse < 0).all()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import build_teacher, corpus, instruction_rows, write_jsonl
+from tiny import cached_teacher, corpus, write_jsonl
 
 import cli
 from trainer.evaluate import EvalDataError
@@ -25,18 +25,11 @@ KEYS = ("kl", "rkl", "nll", "teacher_nll", "top1_agreement", "kl_real", "rkl_rea
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_eval")
-    teacher = build_teacher(root / "teacher")
-    data = write_jsonl(root / "d.jsonl", instruction_rows(20, seed=5))
-    cache = root / "cache"
-    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
-                                      "--top-k", "16", "--engine", "hf", "--no-progress"])
-    assert r.exit_code == 0, r.output
-    cfg = json.loads((teacher / "config.json").read_text())
+    teacher, data, cache, cfg = cached_teacher(root, records=20, seed=5, k=16)
     real = cfg["vocab_size"]
     students = {}
     for name, extra in (("plain", {}), ("padded", {"vocab_size": real + 13})):
-        c = dict(cfg, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1,
-                 num_key_value_heads=1, **extra)
+        c = dict(cfg, **extra)
         (root / f"{name}.json").write_text(json.dumps(c))
         out = root / name
         r = CliRunner().invoke(cli.main, ["train-student", "--cache", str(cache), "--student", str(root / f"{name}.json"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import build_teacher, instruction_rows, write_jsonl
+from tiny import build_teacher, cached_teacher, instruction_rows, write_jsonl
 
 import cli
 
@@ -22,14 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    teacher = build_teacher(root / "teacher")
-    data = write_jsonl(root / "d.jsonl", instruction_rows(48, seed=3))
-    cache = root / "cache"
-    r = CliRunner().invoke(cli.main, ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(cache),
-                                      "--top-k", "16", "--engine", "hf", "--no-progress"])
-    assert r.exit_code == 0, r.output
-    cfg = json.loads((teacher / "config.json").read_text())
-    cfg.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    teacher, _, cache, cfg = cached_teacher(root, records=48, seed=3, k=16)
     student = root / "student.json"
     student.write_text(json.dumps(cfg))
     return teacher, cache, student

@@ -36,8 +36,7 @@ class LiveTeacher:
         if width != info.vocab_size:
             raise StudentError(f"--live-teacher {path}: its output vocabulary has {width} entries, the cache's teacher "
                                f"{info.vocab_size}; use the teacher that wrote the cache")
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.head = check_head(self.model, "live teacher")
+        self.model = model.to(device).eval().requires_grad_(False)  # moves the checked head's parameters with it
         self.real = real_vocab_size(info)
         self.vocab_size = target_vocab(self.real, width, student_outputs)
 

@@ -17,6 +17,11 @@ class StudentError(Exception):
     """The student cannot be trained on this cache; the message says why and what to do."""
 
 
+def has_weights(path: Path) -> bool:
+    """A model directory with weights (pretrained), as opposed to a config alone (random init)."""
+    return path.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())
+
+
 def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0, option: str = "--student") -> torch.nn.Module:
     """A directory with weights -> pretrained; a config.json (or a directory with only one) -> random init.
 
@@ -26,9 +31,8 @@ def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0, opti
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(spec)
-    has_weights = path.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())
     try:
-        if has_weights:
+        if has_weights(path):
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, trust_remote_code=trust_remote_code)
         else:
             cfg_file = path / "config.json" if path.is_dir() else path
@@ -100,35 +104,51 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-def student_tokenizer(spec: str, fallback, trust_remote_code: bool = False):
+def dir_tokenizer(spec: str, option: str, trust_remote_code: bool = False, hint: str = ""):
+    """The tokenizer saved in a model directory, or None when it has no tokenizer files; files that do not load
+    are an error (never silently replaced by another tokenizer)."""
     from transformers import AutoTokenizer
 
     path = Path(spec)
     present = [f for f in TOKENIZER_FILES if (path / f).exists()] if path.is_dir() else []
     if not present:
-        return fallback
+        return None
     try:
-        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)  # never a prompt
-    except Exception as e:  # files of a tokenizer that does not load: never fall back to the teacher's silently
-        raise StudentError(f"--student {spec}: has tokenizer files ({', '.join(present)}) that do not load as a "
-                           f"tokenizer ({type(e).__name__}: {e}); complete them (tokenizer_config.json) or remove them "
-                           "to train with the teacher's tokenizer from the cache") from e
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)  # never a prompt
+    except Exception as e:
+        raise StudentError(f"{option} {spec}: has tokenizer files ({', '.join(present)}) that do not load as a "
+                           f"tokenizer ({type(e).__name__}: {e}){hint}") from e
+    # lengths are policed by adakd (--max-length); transformers' "(554 > 512) ... indexing errors" would mislead
+    getattr(tok, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tok
+
+
+def student_tokenizer(spec: str, fallback, trust_remote_code: bool = False):
+    hint = ("; complete them (tokenizer_config.json) or remove them to train with the teacher's tokenizer from "
+            "the cache")
+    tok = dir_tokenizer(spec, "--student", trust_remote_code, hint)
+    return fallback if tok is None else tok
+
+
+def same_token_ids(ref, other, ref_name: str, other_name: str, why: str) -> None:
+    """Every token maps to the same id in both tokenizers, or a StudentError with examples."""
+    if ref is None or other is None or ref is other:
+        return
+    a, b = ref.get_vocab(), other.get_vocab()
+    differ = sorted({t for t in a.keys() | b.keys() if a.get(t) != b.get(t)}, key=lambda t: a.get(t, b.get(t, 0)))
+    if differ:
+        sample = ", ".join(f"{t!r}: {ref_name} {a.get(t)} / {other_name} {b.get(t)}" for t in differ[:8])
+        raise StudentError(f"the {other_name}'s tokenizer maps {len(differ)} tokens to other ids than the {ref_name}'s "
+                           f"({sample}{', ...' if len(differ) > 8 else ''}); {why}")
 
 
 def check_vocabulary(student: torch.nn.Module, student_tok, teacher_tok, reader: CacheReader) -> None:
     """Same token -> id map, and enough student outputs for every id the cache can hold."""
     info = reader.info
     n_out = student.get_output_embeddings().weight.shape[0]
-    if teacher_tok is not None and student_tok is not None and student_tok is not teacher_tok:
-        a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
-        differ = sorted({tok for tok in a.keys() | b.keys() if a.get(tok) != b.get(tok)}, key=lambda t: a.get(t, b.get(t, 0)))
-        if differ:
-            sample = ", ".join(f"{t!r}: teacher {a.get(t)} / student {b.get(t)}" for t in differ[:8])
-            raise StudentError(
-                f"the student's tokenizer maps {len(differ)} tokens to other ids than the teacher's ({sample}"
-                f"{', ...' if len(differ) > 8 else ''}); distillation on cached ids needs the same vocabulary"
-            )
-    elif teacher_tok is None and student_tok is not None:
+    if teacher_tok is not None:
+        same_token_ids(teacher_tok, student_tok, "teacher", "student", "distillation on cached ids needs the same vocabulary")
+    elif student_tok is not None:
         from storage.fingerprint import tokenizer_fingerprint
 
         if tokenizer_fingerprint(student_tok) != info.tokenizer.get("fingerprint"):

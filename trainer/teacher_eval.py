@@ -46,12 +46,13 @@ import numpy as np
 import torch
 
 from .head import final_hidden, output_head
-from .student import StudentError, TOKENIZER_FILES, context_size, load_student
+from .student import StudentError, context_size, dir_tokenizer, has_weights, load_student, same_token_ids
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # vocabulary entries per float64 buffer (128 MiB)
 # transformers' from_pretrained builds models under a process-wide meta-device context: two loads in two
 # threads at once can see each other's (empty) tensors. Loads are serialized; the evaluation itself is not.
 _LOAD_LOCK = threading.Lock()
+SAME_IDS = "the comparison needs one vocabulary"
 
 
 def devices() -> tuple[torch.device, torch.device]:
@@ -62,40 +63,6 @@ def devices() -> tuple[torch.device, torch.device]:
     if n == 1:
         return torch.device("cuda:0"), torch.device("cuda:0")
     return torch.device("cpu"), torch.device("cpu")
-
-
-def _has_weights(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in path.iterdir())
-
-
-def _dir_tokenizer(spec: str, option: str, trust_remote_code: bool = False):
-    """The tokenizer saved in a model directory, or None when it has no tokenizer files."""
-    from transformers import AutoTokenizer
-
-    path = Path(spec)
-    present = [f for f in TOKENIZER_FILES if (path / f).exists()] if path.is_dir() else []
-    if not present:
-        return None
-    try:
-        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise StudentError(f"{option} {spec}: has tokenizer files ({', '.join(present)}) that do not load as a "
-                           f"tokenizer ({type(e).__name__}: {e})") from e
-    # lengths are policed here (--max-length); transformers' "(554 > 512) ... indexing errors" would mislead
-    getattr(tok, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
-    return tok
-
-
-def _same_ids(ref, other, ref_name: str, other_name: str) -> None:
-    """Every token maps to the same id in both tokenizers, or a StudentError with examples."""
-    if ref is None or other is None or ref is other:
-        return
-    a, b = ref.get_vocab(), other.get_vocab()
-    differ = sorted({t for t in a.keys() | b.keys() if a.get(t) != b.get(t)}, key=lambda t: a.get(t, b.get(t, 0)))
-    if differ:
-        sample = ", ".join(f"{t!r}: {ref_name} {a.get(t)} / {other_name} {b.get(t)}" for t in differ[:8])
-        raise StudentError(f"the {other_name}'s tokenizer maps {len(differ)} tokens to other ids than the {ref_name}'s "
-                           f"({sample}{', ...' if len(differ) > 8 else ''}); the comparison needs one vocabulary")
 
 
 def _covers(outputs: int, real: int, option: str, spec: str) -> None:
@@ -257,15 +224,15 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
     teacher_path = Path(teacher_dir)
     if not teacher_path.is_dir():
         raise StudentError(f"--teacher {teacher_dir}: no such model directory")
-    if not _has_weights(teacher_path):
+    if not has_weights(teacher_path):
         raise StudentError(f"--teacher {teacher_dir}: no weights in this directory (the teacher must be a trained "
                            "model: config.json + safetensors)")
     s_dev, t_dev = devices()
     with _LOAD_LOCK:
         student = load_student(model_dir, trust_remote_code, option="--model")
         teacher = load_student(teacher_dir, trust_remote_code, option="--teacher")
-    teacher_tok = _dir_tokenizer(teacher_dir, "--teacher", trust_remote_code)
-    student_tok = _dir_tokenizer(model_dir, "--model", trust_remote_code)
+    teacher_tok = dir_tokenizer(teacher_dir, "--teacher", trust_remote_code)
+    student_tok = dir_tokenizer(model_dir, "--model", trust_remote_code)
     if cache is not None:
         from storage import CacheReader
 
@@ -275,7 +242,7 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
         ref, ref_name = cache_tokenizer(reader), "cache's teacher"
         if ref is None:  # a cache made without its tokenizer: the teacher's own is the reference
             ref, ref_name = teacher_tok, "--teacher"
-        _same_ids(ref, teacher_tok, ref_name, "--teacher")
+        same_token_ids(ref, teacher_tok, ref_name, "--teacher", SAME_IDS)
         real = len(ref) if ref is not None else int(reader.info.tokenizer.get("vocab_size") or reader.info.vocab_size)
         check_context(student, reader, max_length, option="--model")
         check_context(teacher, reader, max_length, option="--teacher")
@@ -291,7 +258,7 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
             raise StudentError(f"--max-length {max_length} is longer than the --teacher model's context ({positions} "
                                f"positions); use --max-length {positions} or less")
         seqs = _data_sequences(data, teacher_tok, max_length or positions - 1, limit, data_options)
-    _same_ids(ref, student_tok, ref_name, "--model")
+    same_token_ids(ref, student_tok, ref_name, "--model", SAME_IDS)
     s_head, t_head = output_head(student), output_head(teacher)
     _covers(s_head.vocab_size, real, "--model", model_dir)
     _covers(t_head.vocab_size, real, "--teacher", teacher_dir)
