@@ -24,15 +24,22 @@ def main() -> None:
     """Offline knowledge distillation: cache a teacher once, train students with AdaKD from the cache."""
 
 
-@main.command("cache-teacher", context_settings=CONTEXT, short_help="Stage one: cache a teacher's top-k targets.", epilog="""\b
+@main.command("cache-teacher", context_settings=CONTEXT, short_help="Stage one: cache a teacher's sparse targets.", epilog="""\b
 Example (the tiny real teacher shipped in ../shared, on TinyStories):
   cache-teacher --teacher ../shared/models/stories260K --data ../shared/data/tinystories/train.jsonl \\
       --out runs/stories-train --top-k 64 --engine hf
+Unbiased sampled targets (64 draws per position), or a top-8 head plus 32 draws from the tail:
+  cache-teacher ... --targets sampled --samples 64
+  cache-teacher ... --targets hybrid --top-k 8 --samples 32
 Guide: docs/cache-teacher.md""")
 @click.option("--teacher", required=True, help="Teacher model: a local Hugging Face directory or a hub name available offline.")
 @click.option("--data", "data", required=True, help="Dataset: local .jsonl/.json/.parquet/.csv/.txt file(s), directory or glob, or a datasets hub name.")
 @click.option("--out", required=True, help="Cache directory (local path or pyarrow URI such as s3://bucket/cache).")
-@click.option("--top-k", "k", type=int, default=64, show_default=True, help="Teacher log-probabilities kept per position.")
+@click.option("--top-k", "k", type=int, default=None, help="Teacher log-probabilities kept per position: the exact head [default: 64 for topk, 8 for hybrid; sampled has none].")
+@click.option("--targets", type=click.Choice(["topk", "sampled", "hybrid"]), default="topk", show_default=True, help="topk: the k most likely ids + the tail mass; sampled: N draws from the teacher (distinct ids, counts, log-probs), unbiased; hybrid: the top-k head + N draws from the tail.")
+@click.option("--samples", type=int, default=64, show_default=True, help="Draws per trained position (sampled, hybrid).")
+@click.option("--sample-temperature", type=float, default=1.0, show_default=True, help="Proposal the draws come from: softmax(logits / T); 1 is the teacher itself (sampled, hybrid).")
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the draws; each sequence's draws depend only on it and the record (sampled, hybrid).")
 @click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="auto: vLLM when installed, else transformers.")
 @click.option("--tokenizer", default=None, help="Tokenizer, if not the teacher's directory.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
@@ -69,8 +76,11 @@ def cache_teacher_cmd(**o) -> None:
         messages_field=o["messages_field"], text_field=o["text_field"], prompt_template=o["prompt_template"],
         limit=o["limit"],
     )
+    k = o["k"] if o["k"] is not None else {"topk": 64, "hybrid": 8, "sampled": 0}[o["targets"]]
     cfg = CaptureConfig(
-        teacher=o["teacher"], data=spec, out=o["out"], k=o["k"], engine=o["engine"], tokenizer=o["tokenizer"],
+        teacher=o["teacher"], data=spec, out=o["out"], k=k, engine=o["engine"], tokenizer=o["tokenizer"],
+        targets=o["targets"], samples=o["samples"], sample_temperature=o["sample_temperature"],
+        sample_seed=o["sample_seed"],
         dtype=o["dtype"], max_length=o["max_length"], length_policy=o["length_policy"], num_workers=o["num_workers"],
         worker_index=o["worker_index"], batch_tokens=o["batch_tokens"], tensor_parallel_size=o["tensor_parallel_size"],
         gpu_memory_utilization=o["gpu_memory_utilization"], shard_positions=o["shard_positions"],

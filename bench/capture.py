@@ -11,6 +11,9 @@ one loaded teacher:
   - `cache-teacher` end to end (the library call the CLI makes) on the same records, and the ratio.
 Then the post-processing ceiling on one core: engine output -> encoded shard bytes, for our array path
 and for vLLM's stock path (its conversion of the prompt top-k into Python lists, then ours from those).
+Then the cost of sampled targets: per engine, `cache-teacher` end to end with top-64, sampled (N = 64) and
+hybrid (top-8 + 32 draws) on the first `--sampling-records` records, in turns in one process, and each
+kind's speed as a ratio to top-64's within the same turn.
 Speeds are medians over repeats; the last line is a JSON object with every figure.
 """
 
@@ -216,12 +219,61 @@ def ceiling(sample, repeats: int) -> dict:
             "stock_rows_s": rows / t_stock, "stock_trained_positions_s": positions / t_stock, "speedup": t_stock / t_ours}
 
 
+KINDS = {"topk": dict(k=K), "sampled": dict(k=0, targets="sampled", samples=64),
+         "hybrid": dict(k=8, targets="hybrid", samples=32)}
+
+
+def sampling_cost(name: str, teacher: Path, data: Path, max_length: int, repeats: int) -> dict:
+    """tokens/s of cache-teacher per target kind with one engine per kind kept loaded, and ratios to top-k."""
+    from pipeline.capture import CaptureConfig, _sampler, cache_teacher, vllm_batch_tokens
+    from pipeline.data import DataSpec
+
+    cfgs = {kind: CaptureConfig(teacher=str(teacher), data=DataSpec(source=str(data)), out="", engine=name,
+                                max_length=max_length, show_progress=False, **o) for kind, o in KINDS.items()}
+    engines = {}
+    for kind, cfg in cfgs.items():
+        if name == "hf":
+            from pipeline.engine_hf import HFEngine
+
+            engines[kind] = HFEngine(str(teacher), cfg.k, sampler=_sampler(cfg))
+        else:
+            from pipeline.engine_vllm import VLLMEngine
+
+            engines[kind] = VLLMEngine(str(teacher), cfg.k, max_model_len=max_length + 1, sampler=_sampler(cfg),
+                                       batch_tokens=vllm_batch_tokens(cfg, 50257))
+    speeds: dict[str, list[float]] = {kind: [] for kind in cfgs}
+    ratios: dict[str, list[float]] = {kind: [] for kind in cfgs if kind != "topk"}
+    try:
+        for rep in range(repeats + 1):  # turn 0 warms every engine up and is not counted
+            order = list(cfgs) if rep % 2 == 0 else list(reversed(cfgs))
+            turn = {}
+            for kind in order:
+                out = Path(tempfile.mkdtemp(prefix="adakd-bench-"))
+                try:
+                    cfgs[kind].out = str(out / "c")
+                    s = cache_teacher(cfgs[kind], engine=engines[kind])
+                    turn[kind] = s.run_tokens / s.wall_s
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+            if rep:
+                for kind, v in turn.items():
+                    speeds[kind].append(v)
+                for kind in ratios:
+                    ratios[kind].append(turn[kind] / turn["topk"])
+    finally:
+        for e in engines.values():
+            e.close()
+    return {"engine": name, **{f"{kind}_tokens_s": statistics.median(v) for kind, v in speeds.items()},
+            **{f"{kind}_vs_topk": statistics.median(v) for kind, v in ratios.items()}, "ratios": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--sampling-records", type=int, default=24, help="records for the sampled-targets cost (0: skip)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="adakd-capture-"))
@@ -235,6 +287,10 @@ def main() -> None:
             results.append(r)
             sample = s or sample
         ceil = ceiling(sample, args.repeats) if sample else None
+        sampling = []
+        if args.sampling_records:
+            few = dolly(work / "few.jsonl", args.sampling_records)
+            sampling = [sampling_cost(name, teacher, few, args.max_length, args.repeats) for name in args.engines.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     n_pos = sum(s.num_positions for s in seqs)
@@ -249,7 +305,14 @@ def main() -> None:
         print(f"  {'ours (arrays)':<22} {ceil['ours_rows_s']:>17,.0f} {ceil['ours_trained_positions_s']:>18,.0f}   (target >= 200,000)")
         print(f"  {'vLLM stock (lists)':<22} {ceil['stock_rows_s']:>17,.0f} {ceil['stock_trained_positions_s']:>18,.0f}")
         print(f"  speed-up {ceil['speedup']:.1f}x")
-    print(json.dumps({"bench": "capture", "k": K, "records": args.records, "engines": results, "ceiling": ceil}))
+    if sampling:
+        print(f"sampled targets: cache-teacher tokens/s on {args.sampling_records} records, ratio to top-{K} in the same turn")
+        print(f"  {'engine':<8} {'top-64':>9} {'sampled N=64':>13} {'hybrid 8+32':>12} {'sampled/top-k':>14} {'hybrid/top-k':>13}")
+        for r in sampling:
+            print(f"  {r['engine']:<8} {r['topk_tokens_s']:>9,.0f} {r['sampled_tokens_s']:>13,.0f} {r['hybrid_tokens_s']:>12,.0f} "
+                  f"{r['sampled_vs_topk']:>14.2f} {r['hybrid_vs_topk']:>13.2f}")
+    print(json.dumps({"bench": "capture", "k": K, "records": args.records, "engines": results, "ceiling": ceil,
+                      "sampling_records": args.sampling_records, "sampling": sampling}))
 
 
 if __name__ == "__main__":

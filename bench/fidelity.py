@@ -73,6 +73,7 @@ class FidelityConfig:
     out: str = "runs/fidelity"
     regimes: tuple[str, ...] = ("sharp", "flat")
     ks: tuple[int, ...] = (8, 16, 64)
+    sampled: tuple[str, ...] = ()  # sampled and hybrid caches: "s64" (N = 64 draws), "h8+32" (top-8 + 32 draws)
     losses: tuple[str, ...] = ("fkl", "rkl")
     adakd: tuple[bool, ...] = (False, True)
     inits: tuple[str, ...] = ("random", "ce")
@@ -97,6 +98,19 @@ class FidelityConfig:
 
     def configurations(self) -> list[tuple[str, str, bool]]:
         return [(init, loss, ada) for init in self.inits for loss in self.losses for ada in self.adakd]
+
+    def cache_sources(self) -> list[str]:
+        return [f"k{k}" for k in self.ks] + list(self.sampled)
+
+
+def cache_args(source: str) -> list[str]:
+    """cache-teacher's target options for a source name: k64, s64 (sampled, N = 64), h8+32 (hybrid)."""
+    if source.startswith("k"):
+        return ["--top-k", source[1:]]
+    if source.startswith("s"):
+        return ["--targets", "sampled", "--samples", source[1:]]
+    k, n = source[1:].split("+")
+    return ["--targets", "hybrid", "--top-k", k, "--samples", n]
 
 
 # ---------------------------------------------------------------- statistics
@@ -153,17 +167,18 @@ def summarize(runs: list[dict], cfg: FidelityConfig, caches: dict) -> list[dict]
         for init, loss, ada in cfg.configurations():
             seeds = [s for s in range(cfg.seeds) if (regime, init, loss, ada, "live", s) in by]
             live = [by[(regime, init, loss, ada, "live", s)] for s in seeds]
-            for k in cfg.ks:
-                cached = [by.get((regime, init, loss, ada, f"k{k}", s)) for s in seeds]
+            for src in cfg.cache_sources():
+                k = int(src[1:]) if src.startswith("k") else src
+                cached = [by.get((regime, init, loss, ada, src, s)) for s in seeds]
                 if not seeds or None in cached:
                     continue
                 dk = paired([r["kl"] for r in cached], [r["kl"] for r in live])
                 dn = paired([r["nll"] for r in cached], [r["nll"] for r in live])
                 dr = paired([r["rkl"] for r in cached], [r["rkl"] for r in live])
                 gaps = [trajectory_gap(c["log"], l["log"]) for c, l in zip(cached, live)]
-                info = caches[regime][k]
+                info = caches[regime][src]
                 rows.append({
-                    "regime": regime, "k": k, "loss": loss, "adakd": ada, "init": init, "seeds": len(seeds),
+                    "regime": regime, "k": k, "source": src, "loss": loss, "adakd": ada, "init": init, "seeds": len(seeds),
                     "kl_live": statistics.fmean(r["kl"] for r in live), "kl_cache": statistics.fmean(r["kl"] for r in cached),
                     "d_kl": dk["mean"], "d_kl_ci95": dk["ci95"], "d_kl_seeds": dk["diffs"],
                     "nll_live": statistics.fmean(r["nll"] for r in live), "nll_cache": statistics.fmean(r["nll"] for r in cached),
@@ -182,7 +197,7 @@ def within(ci: list[float] | None, x: float = 0.0) -> bool | None:
 
 def targets(rows: list[dict]) -> dict:
     """The sharp regime at k = 64: |d_kl| and |d_nll| <= 0.01 nats, and zero inside the seed interval."""
-    sel = [r for r in rows if r["regime"] == "sharp" and r["k"] == 64]
+    sel = [r for r in rows if r["regime"] == "sharp" and r["source"] == "k64"]
     checks = [{"init": r["init"], "loss": r["loss"], "adakd": r["adakd"],
                "abs_ok": abs(r["d_kl"]) <= TARGET and abs(r["d_nll"]) <= TARGET,
                "zero_in_ci": bool(within(r["d_kl_ci95"]) and within(r["d_nll_ci95"]))} for r in sel]
@@ -201,14 +216,14 @@ def student_config(out: Path, layers: int) -> Path:
     return out
 
 
-def make_cache(data: str, out: Path, k: int, limit: int | None, log, threads: int, reuse: bool) -> None:
+def make_cache(data: str, out: Path, source: str, limit: int | None, log, threads: int, reuse: bool) -> None:
     if reuse and any(out.glob("manifest-*.json")):
         from storage import CacheReader
 
         if CacheReader(str(out)).manifest.complete:
             return
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [bin_("cache-teacher"), "--teacher", str(TEACHER), "--data", data, "--out", str(out), "--top-k", str(k),
+    cmd = [bin_("cache-teacher"), "--teacher", str(TEACHER), "--data", data, "--out", str(out), *cache_args(source),
            "--engine", "hf", "--no-progress"]
     run(cmd + (["--limit", str(limit)] if limit else []), log, threads)
 
@@ -301,7 +316,7 @@ def by_k(rows: list[dict], cfg: FidelityConfig) -> str:
              "0 in both CIs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for regime in cfg.regimes:
         for k in cfg.ks:
-            sel = [r for r in rows if r["regime"] == regime and r["k"] == k]
+            sel = [r for r in rows if r["regime"] == regime and r["source"] == f"k{k}"]
             if not sel:
                 continue
             ok = sum(abs(r["d_kl"]) <= TARGET and abs(r["d_nll"]) <= TARGET for r in sel)
@@ -309,6 +324,27 @@ def by_k(rows: list[dict], cfg: FidelityConfig) -> str:
             lines.append(f"| {regime} | {k} | {len(sel)} | {statistics.fmean(r['d_kl'] for r in sel):+.4f} | "
                          f"{max(abs(r['d_kl']) for r in sel):.4f} | {statistics.fmean(r['d_nll'] for r in sel):+.4f} | "
                          f"{max(abs(r['d_nll']) for r in sel):.4f} | {ok}/{len(sel)} | {zero}/{len(sel)} |")
+    return "\n".join(lines)
+
+
+def sampled_vs_topk(rows: list[dict], cfg: FidelityConfig) -> str:
+    """Sampled and hybrid caches against top-k at no fewer bytes per position: is each within the seed interval of
+    the live teacher (zero inside both the d_KL and the d_NLL 95% intervals), per regime and configuration?"""
+    if not cfg.sampled:
+        return ""
+    lines = ["Sampled and hybrid caches against top-k (per configuration; 'live-like': zero inside both 95% "
+             "intervals of the paired differences from the live teacher):", "",
+             "| regime | init | loss | AdaKD | cache | B/pos | d_KL [95% CI] | d_NLL [95% CI] | live-like | top-k caches "
+             "with no more bytes that are live-like |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in rows if not r["source"].startswith("k")):
+        peers = [p for p in rows if p["source"].startswith("k") and (p["regime"], p["init"], p["loss"], p["adakd"]) ==
+                 (r["regime"], r["init"], r["loss"], r["adakd"]) and p["bytes_per_position"] <= r["bytes_per_position"]]
+        like = bool(within(r["d_kl_ci95"]) and within(r["d_nll_ci95"]))
+        peer_like = [p["source"] for p in peers if within(p["d_kl_ci95"]) and within(p["d_nll_ci95"])]
+        lines.append(f"| {r['regime']} | {r['init']} | {r['loss']} | {'yes' if r['adakd'] else 'no'} | {r['source']} | "
+                     f"{r['bytes_per_position']:.1f} | {r['d_kl']:+.4f} {_ci(r['d_kl_ci95'])} | {r['d_nll']:+.4f} "
+                     f"{_ci(r['d_nll_ci95'])} | {'yes' if like else 'no'} | "
+                     f"{', '.join(peer_like) if peer_like else ('none of ' + ', '.join(p['source'] for p in peers)) if peers else 'no top-k cache is that small'} |")
     return "\n".join(lines)
 
 
@@ -324,8 +360,8 @@ def plot(rows: list[dict], cfg: FidelityConfig, path: Path) -> str:
         for i, (key, label) in enumerate((("d_kl", "held-out KL(teacher || student)"), ("d_nll", "held-out NLL"))):
             a = ax[i][j]
             for c, (init, loss, ada) in enumerate(confs):
-                sel = sorted((r for r in rows if (r["regime"], r["init"], r["loss"], r["adakd"]) == (regime, init, loss, ada)),
-                             key=lambda r: r["k"])
+                sel = sorted((r for r in rows if (r["regime"], r["init"], r["loss"], r["adakd"]) == (regime, init, loss, ada)
+                              and r["source"].startswith("k")), key=lambda r: r["k"])
                 if not sel:
                     continue
                 x = [math.log2(r["k"]) + 0.09 * (c - (len(confs) - 1) / 2) for r in sel]
@@ -379,21 +415,21 @@ def fidelity(cfg: FidelityConfig, command: str, docs: bool = False) -> dict:
         for name in cfg.regimes:
             reg = REGIMES[name]
             (root / name).mkdir(exist_ok=True)
-            jobs += [(reg.train, root / name / f"cache-k{k}", k, cfg.train_records) for k in sorted(cfg.ks, reverse=True)]
-            jobs.append((reg.heldout, root / name / "cache-heldout", 8, cfg.heldout_records))
+            jobs += [(reg.train, root / name / f"cache-{src}", src, cfg.train_records) for src in cfg.cache_sources()]
+            jobs.append((reg.heldout, root / name / "cache-heldout", "k8", cfg.heldout_records))
         log(f"[1/4] cache-teacher x {len(jobs)}: k = {', '.join(map(str, cfg.ks))} per regime on its first "
             f"{cfg.train_records or 'all'} training records, and a held-out cache ({cfg.jobs} at a time)")
         list(pool.map(lambda j: make_cache(*j, log, threads, cfg.reuse), jobs))
         caches = {}
         for name in cfg.regimes:
-            caches[name] = {k: cache_info(root / name / f"cache-k{k}") for k in cfg.ks}
+            caches[name] = {src: cache_info(root / name / f"cache-{src}") for src in cfg.cache_sources()}
             layouts = {json.dumps(c["layout"]) for c in caches[name].values()}
             if len(layouts) != 1:  # different layouts would give different data orders: no pairing
                 raise RuntimeError(f"{name}: the caches of different k have different shard layouts; pairing needs one")
             caches[name]["heldout"] = cache_info(root / name / "cache-heldout")
-            for k in cfg.ks:
-                log(f"  {name} k = {k}: {caches[name][k]['positions']:,} positions, mean top-k mass "
-                    f"{caches[name][k]['topk_mass']:.4f}, {caches[name][k]['bytes_per_position']:.1f} bytes/position")
+            for src in cfg.cache_sources():
+                log(f"  {name} {src}: {caches[name][src]['positions']:,} positions, mean stored mass "
+                    f"{caches[name][src]['topk_mass']:.4f}, {caches[name][src]['bytes_per_position']:.1f} bytes/position")
         stamp["caches_s"] = time.time() - t0
         t0 = time.time()
         if "ce" in cfg.inits:
@@ -409,7 +445,7 @@ def fidelity(cfg: FidelityConfig, command: str, docs: bool = False) -> dict:
             list(pool.map(ce_start, cfg.regimes))
         stamp["ce_start_s"] = time.time() - t0
         t0 = time.time()
-        sources = ["live"] + [f"k{k}" for k in cfg.ks]
+        sources = ["live"] + cfg.cache_sources()
         tasks = [(name, init, loss, ada, seed, src) for name in cfg.regimes for seed in range(cfg.seeds)
                  for init, loss, ada in cfg.configurations() for src in sources]
         log(f"[3/4] train-student x {len(tasks)} ({len(cfg.configurations())} configurations x {len(sources)} sources "
@@ -433,6 +469,7 @@ def fidelity(cfg: FidelityConfig, command: str, docs: bool = False) -> dict:
         timing_file.write_text(json.dumps({"minutes": minutes, "stages_s": stamp, "command": command}))
     table = markdown(rows)
     summary = by_k(rows, cfg)
+    equal_bytes = sampled_vs_topk(rows, cfg)
     log("[4/4] report")
     body = "\n\n".join([
         f"Command: `{command}` ({minutes:.0f} min wall on {os.cpu_count()} CPU cores, {cfg.jobs} jobs at a time). "
@@ -443,6 +480,7 @@ def fidelity(cfg: FidelityConfig, command: str, docs: bool = False) -> dict:
         f"(teacher NLL there: " + ", ".join(f"{n} {t['nll']:.3f}" for n, t in teacher.items()) + f"); {cfg.seeds} seeds, "
         "paired (same initial weights and data order per seed).",
         "Per regime and k, over the configurations:\n\n" + summary,
+        *([equal_bytes] if equal_bytes else []),
         "Every configuration (d = cache minus live, mean over seeds, 95% t-interval; KD-loss gap: mean over steps "
         "of |KD loss from the cache - KD loss from the live teacher|; time: train-student wall time, cache / live):\n\n"
         + table,
@@ -458,6 +496,9 @@ def fidelity(cfg: FidelityConfig, command: str, docs: bool = False) -> dict:
     print()
     print(summary)
     print()
+    if equal_bytes:
+        print(equal_bytes)
+        print()
     print(table)
     print(f"\ntarget (sharp, k = 64, |d| <= {TARGET}): {goal['abs_within_0.01']}/{goal['configurations']}; "
           f"{minutes:.1f} min; {root}/results.md")
@@ -487,6 +528,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-positions", type=int, default=None, help="held-out positions scored per student (0: all)")
     ap.add_argument("--regimes", default=None, help="comma-separated: sharp, flat")
     ap.add_argument("--ks", default=None, help="comma-separated k values, e.g. 8,16,64")
+    ap.add_argument("--sampled", default=None, help="comma-separated sampled/hybrid caches, e.g. s64,h8+32")
+    ap.add_argument("--adakd", default=None, help="comma-separated: on, off")
     ap.add_argument("--losses", default=None, help="comma-separated: fkl, rkl")
     ap.add_argument("--inits", default=None, help="comma-separated: random, ce")
     ap.add_argument("--reuse", action="store_true", help="reuse the caches, CE start and finished runs in --out")
@@ -507,6 +550,15 @@ def main(argv: list[str] | None = None) -> None:
             if allowed is not None and not set(values) <= allowed:
                 ap.error(f"--{name}: choose from {sorted(allowed)}")
             over[name] = values
+    if a.sampled:
+        over["sampled"] = _csv(a.sampled, str)
+        if not all(x[:1] in "sh" and x[1:].replace("+", "").isdigit() for x in over["sampled"]):
+            ap.error("--sampled: names like s64 (sampled, N = 64) or h8+32 (hybrid: top-8 + 32 draws)")
+    if a.adakd:
+        modes = _csv(a.adakd, str)
+        if not set(modes) <= {"on", "off"}:
+            ap.error("--adakd: choose from on, off")
+        over["adakd"] = tuple(m == "on" for m in modes)
     cfg = replace(cfg, reuse=a.reuse, **over)
     if cfg.seeds < 1 or cfg.jobs < 1 or cfg.steps < 1 or not cfg.ks or min(cfg.ks) < 1:
         ap.error("--seeds, --jobs, --steps and every k must be at least 1")

@@ -21,9 +21,12 @@ from .data import DataError, DataSpec, iter_records, load_dataset, resolve_mappi
 from .data import fingerprint as data_fingerprint
 from .engine import EngineError, Scored, TeacherEngine, check_vocab, vllm_available
 from .identity import package_version, teacher_fingerprint, tokenizer_fingerprint
+from .sampling import Sampler
 from .tokens import RecordTokenizer, Skipped, Tokenized
 
 ENGINES = ("auto", "hf", "vllm")
+TARGETS = ("topk", "sampled", "hybrid")
+SAMPLED_ZSTD_LEVEL = 9  # draws are 2-3x the bytes of a top-k head; level 9 takes 2-3% off them (bench.storage)
 
 
 @dataclass
@@ -31,8 +34,12 @@ class CaptureConfig:
     teacher: str
     data: DataSpec
     out: str
-    k: int = 64
+    k: int = 64  # the exact head; 0 for `sampled`
     engine: str = "auto"
+    targets: str = "topk"  # topk | sampled | hybrid (top-k head + draws from the tail)
+    samples: int = 64  # N draws per trained position (sampled, hybrid)
+    sample_temperature: float = 1.0  # the proposal the draws come from: softmax(logits / this)
+    sample_seed: int = 0
     tokenizer: str | None = None
     dtype: str = "auto"
     max_length: int | None = None
@@ -239,9 +246,40 @@ def build_info(cfg: CaptureConfig, engine: str, tok, teacher_cfg, ds, max_length
         engine={"name": engine, "version": package_version("vllm" if engine == "vllm" else "transformers")},
         dataset={"spec": cfg.data.to_json(), "fingerprint": data_fingerprint(cfg.data, ds), "shape": mapping.shape,
                  "rows": len(ds)},
-        encoding=Encoding(k=cfg.k, vocab_size=vocab), prompt_template=template, max_length=max_length,
-        num_workers=cfg.num_workers, extra={"length_policy": cfg.length_policy},
+        encoding=_encoding(cfg, vocab), prompt_template=template, max_length=max_length,
+        num_workers=cfg.num_workers, target_kind=cfg.targets,
+        extra={"length_policy": cfg.length_policy, **({"sample_seed": cfg.sample_seed} if cfg.targets != "topk" else {})},
     )
+
+
+def _encoding(cfg: CaptureConfig, vocab: int) -> Encoding:
+    if cfg.targets == "topk":
+        return Encoding(k=cfg.k, vocab_size=vocab)
+    return Encoding(k=cfg.k, vocab_size=vocab, kind=cfg.targets, samples=cfg.samples,
+                    sample_temperature=float(cfg.sample_temperature), zstd_level=SAMPLED_ZSTD_LEVEL)
+
+
+def _sampler(cfg: CaptureConfig) -> Sampler | None:
+    if cfg.targets == "topk":
+        return None
+    return Sampler(cfg.samples, float(cfg.sample_temperature), cfg.sample_seed, hybrid=cfg.targets == "hybrid")
+
+
+def check_targets(cfg: CaptureConfig) -> None:
+    """The target kind and its numbers, refused before any work with the option to change."""
+    if cfg.targets not in TARGETS:
+        raise EngineError(f"--targets must be one of {', '.join(TARGETS)}, not {cfg.targets!r}")
+    if cfg.targets == "sampled" and cfg.k != 0:
+        raise EngineError(f"--targets sampled stores draws only; drop --top-k {cfg.k} (or use --targets hybrid for a "
+                          "top-k head plus draws from the tail)")
+    if cfg.targets != "sampled" and cfg.k < 1:
+        raise EngineError(f"--top-k must be at least 1, not {cfg.k}")
+    if cfg.targets != "topk":
+        if not 1 <= cfg.samples <= 65535:
+            raise EngineError(f"--samples must be within 1..65535, not {cfg.samples}")
+        t = cfg.sample_temperature
+        if not (isinstance(t, (int, float)) and t == t and 0.05 <= t <= 20):
+            raise EngineError(f"--sample-temperature must be within [0.05, 20], not {t}")
 
 
 def make_engine(cfg: CaptureConfig, engine: str, max_length: int, info: CacheInfo) -> TeacherEngine:
@@ -250,13 +288,21 @@ def make_engine(cfg: CaptureConfig, engine: str, max_length: int, info: CacheInf
         from .engine_hf import HFEngine
 
         return HFEngine(cfg.teacher, cfg.k, dtype=cfg.dtype, batch_tokens=cfg.batch_tokens or 8192,
-                        trust_remote_code=cfg.trust_remote_code, real_vocab=real)
+                        trust_remote_code=cfg.trust_remote_code, real_vocab=real, sampler=_sampler(cfg))
     from .engine_vllm import VLLMEngine
 
     return VLLMEngine(cfg.teacher, cfg.k, max_model_len=max_length + 1, dtype=cfg.dtype,
                       tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                      batch_tokens=cfg.batch_tokens or 65536, fast=cfg.vllm_fast_path,
-                      trust_remote_code=cfg.trust_remote_code, real_vocab=real)
+                      batch_tokens=cfg.batch_tokens or vllm_batch_tokens(cfg, info.vocab_size), fast=cfg.vllm_fast_path,
+                      trust_remote_code=cfg.trust_remote_code, real_vocab=real, sampler=_sampler(cfg))
+
+
+def vllm_batch_tokens(cfg: CaptureConfig, width: int) -> int:
+    """vLLM hands every prompt position's log-probabilities to this process as arrays; for draws that is the whole
+    distribution (about 16 bytes per id with its id and our dense copy), so a batch is capped at 1 GiB of it."""
+    if cfg.targets == "topk":
+        return 65536
+    return max(256, (1 << 30) // (16 * width))
 
 
 def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Summary:
@@ -270,8 +316,7 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
             raise EngineError(f"{opt} must be at least {low}, not {value}")
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise CacheError(f"--worker-index {cfg.worker_index} must be in 0..{cfg.num_workers - 1} (--num-workers {cfg.num_workers})")
-    if cfg.k < 1:
-        raise EngineError(f"--top-k must be at least 1, not {cfg.k}")
+    check_targets(cfg)
     created = check_writable(cfg.out)
     try:
         teacher_cfg = load_teacher_config(cfg.teacher, cfg.trust_remote_code)
@@ -452,8 +497,11 @@ def _batches(q_in: queue.Queue, budget: int, stop: threading.Event) -> Iterator[
 
 
 def _sequence(t: Tokenized, s: Scored) -> SequenceTargets:
+    d = s.draws
     return SequenceTargets(record=t.record, input_ids=t.input_ids, loss_mask=t.loss_mask, topk_ids=s.topk_ids,
-                           topk_logprobs=s.topk_logprobs, target_logprob=s.target_logprob)
+                           topk_logprobs=s.topk_logprobs, target_logprob=s.target_logprob,
+                           **({} if d is None else dict(sample_sizes=d.sizes, sample_ids=d.ids, sample_counts=d.counts,
+                                                        sample_logprobs=d.logprobs)))
 
 
 def _progress(counts: Counts, next_index: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .sampling import Draws
 from .tokens import Tokenized
 
 
@@ -22,6 +23,7 @@ class Scored:
     topk_ids: np.ndarray  # (n, k) int32, descending log-probability
     topk_logprobs: np.ndarray  # (n, k) float32
     target_logprob: np.ndarray  # (n,) float32
+    draws: Draws | None = None  # sampled and hybrid caches: the teacher's draws at the same rows
 
 
 class TeacherEngine(Protocol):

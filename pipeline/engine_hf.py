@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
+from .sampling import Draws, Sampler, draw
 from .tokens import Tokenized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,7 +41,7 @@ class HFEngine:
 
     def __init__(self, model: str, k: int, dtype: str = "auto", device: str | None = None,
                  batch_tokens: int = 8192, chunk_positions: int = 2048, trust_remote_code: bool = False,
-                 real_vocab: int | None = None):
+                 real_vocab: int | None = None, sampler: Sampler | None = None):
         import transformers
         from transformers import AutoModelForCausalLM
 
@@ -55,6 +56,7 @@ class HFEngine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.real_vocab = check_vocab(k, self.vocab_size, real_vocab)
         self.k = k
+        self.sampler = sampler
         self.batch_tokens = batch_tokens
         self.chunk_positions = chunk_positions
         self._options = _forward_options(self.model)
@@ -72,11 +74,14 @@ class HFEngine:
         p_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
         labels = torch.from_numpy(np.concatenate([s.input_ids[s.loss_mask] for s in batch]).astype(np.int64)).to(self.device)
         logits = self._logits(ids.to(self.device), attn.to(self.device), b_idx, p_idx)
-        v, i, t = self._topk(logits, labels)
+        u = None if self.sampler is None else self.sampler.uniforms([s.record for s in batch], [len(r) for r in rows],
+                                                                     self.device)
+        v, i, t, d = self._topk(logits, labels, u)
         out, o = [], 0
         for s, r in zip(batch, rows):
-            out.append(Scored(s.record, i[o:o + len(r)], v[o:o + len(r)], t[o:o + len(r)]))
-            o += len(r)
+            n = len(r)
+            out.append(Scored(s.record, i[o:o + n], v[o:o + n], t[o:o + n], d.rows(o, o + n) if d else None))
+            o += n
         return out
 
     def _logits(self, ids: torch.Tensor, attn: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor) -> torch.Tensor:
@@ -100,9 +105,11 @@ class HFEngine:
                               "output embeddings: this model family is not supported by --engine hf")
         return logits[0]
 
-    def _topk(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Float32 log_softmax over the full width (padded ids' mass stays in the tail), top-k over real ids."""
-        top_v, top_i, tgt = [], [], []
+    def _topk(self, logits: torch.Tensor, labels: torch.Tensor, u: torch.Tensor | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Draws | None]:
+        """Float32 log_softmax over the full width (padded ids' mass stays in the tail), top-k over real ids, and
+        the draws from the same log-probabilities when sampling."""
+        top_v, top_i, tgt, draws = [], [], [], []
         for c in range(0, len(labels), self.chunk_positions):
             lp = logits[c:c + self.chunk_positions].float().log_softmax(-1)
             real = lp if self.real_vocab == self.vocab_size else lp[:, : self.real_vocab]
@@ -110,10 +117,13 @@ class HFEngine:
             top_v.append(v)
             top_i.append(i)
             tgt.append(lp.gather(1, labels[c:c + self.chunk_positions, None])[:, 0])
+            if u is not None:
+                draws.append(draw(lp, u[c:c + self.chunk_positions], self.sampler, self.real_vocab,
+                                  i if self.sampler.hybrid else None))
         v = torch.cat(top_v).cpu().numpy()
         i = torch.cat(top_i).to(torch.int32).cpu().numpy()
         t = torch.cat(tgt).cpu().numpy()
-        return v, i, t
+        return v, i, t, Draws.concat(draws) if draws else None
 
     def close(self) -> None:
         self.model = None

@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
+from .sampling import Sampler, draw
 from .tokens import Tokenized
 
 MAX_PADDING = 1024  # padded ids we accept: each costs one more prompt log-probability per position
@@ -143,7 +144,8 @@ class VLLMEngine:
 
     def __init__(self, model: str, k: int, max_model_len: int, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, batch_tokens: int = 65536,
-                 fast: bool = True, trust_remote_code: bool = False, seed: int = 0, real_vocab: int | None = None):
+                 fast: bool = True, trust_remote_code: bool = False, seed: int = 0, real_vocab: int | None = None,
+                 sampler: Sampler | None = None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
             import torch
@@ -161,6 +163,9 @@ class VLLMEngine:
         self.k = k
         # with padding, ask for enough ranks before starting (max_logprobs is fixed at start); None: no padding
         self.K = k if real_vocab is None else logprobs_to_request(k, _logit_width(model, trust_remote_code), real_vocab)
+        self.sampler = sampler
+        if sampler is not None:  # draws need the whole distribution: every rank, through the public API
+            self.K = _logit_width(model, trust_remote_code)
         self.fast = fast
         self.batch_tokens = batch_tokens
         log = os.path.join(tempfile.gettempdir(), f"adakd-vllm-{os.getpid()}.log")
@@ -184,7 +189,7 @@ class VLLMEngine:
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         try:
             self.real_vocab = check_vocab(k, self.vocab_size, real_vocab)
-            if self.K != logprobs_to_request(k, self.vocab_size, self.real_vocab):
+            if self.K != (self.vocab_size if sampler else logprobs_to_request(k, self.vocab_size, self.real_vocab)):
                 raise EngineError(f"vLLM reports {self.vocab_size} outputs for {model!r}, its config another number; "
                                   "refusing to guess which ids are padding")
         except EngineError:
@@ -224,8 +229,22 @@ class VLLMEngine:
         lps = lps.reshape(L - 1, K + 1)
         rows = trained_rows(s)
         top_i, top_v = keep_real(ids[rows, 1:], lps[rows, 1:], self.k, self.real_vocab)
+        draws = None
+        if self.sampler is not None:
+            draws = self._draws(s.record, ids[rows, 1:], lps[rows, 1:], top_i)
         return Scored(s.record, top_i.astype(np.int32), top_v.astype(np.float32, copy=False),
-                      lps[rows, 0].astype(np.float32, copy=False))
+                      lps[rows, 0].astype(np.float32, copy=False), draws)
+
+    def _draws(self, record: int, ids: np.ndarray, lps: np.ndarray, head: np.ndarray):
+        """The full distribution, put back in id order from vLLM's ranks, then drawn from as the hf engine does."""
+        import torch
+
+        n = len(ids)
+        dense = np.full((n, self.vocab_size), -np.inf, dtype=np.float32)
+        np.put_along_axis(dense, ids.astype(np.int64), lps.astype(np.float32, copy=False), axis=1)
+        u = self.sampler.uniforms([record], [n], "cpu")
+        return draw(torch.from_numpy(dense), u, self.sampler, self.real_vocab,
+                    torch.from_numpy(head.astype(np.int64)) if self.sampler.hybrid else None)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -12,12 +12,12 @@ from .errors import (
 from .manifest import CacheInfo, CacheManifest
 from .reader import CacheReader, Cursor, SequenceStream
 from .sequence import SequenceTargets
-from .shard import FORMAT_VERSION, DecodedBlock, Encoding
+from .shard import FORMAT_VERSION, KINDS, DecodedBlock, Encoding
 from .writer import CacheWriter
 
 __all__ = [
     "CacheCorruptError", "CacheError", "CacheInfo", "CacheLockedError", "CacheManifest", "CacheMismatchError",
     "CacheNotFoundError", "CacheReader", "CacheVersionError", "CacheWriter", "Cursor", "DecodedBlock", "Encoding",
-    "FORMAT_VERSION", "SequenceStream", "SequenceTargets", "VerifyReport", "format_summary", "plot_summary",
+    "FORMAT_VERSION", "KINDS", "SequenceStream", "SequenceTargets", "VerifyReport", "format_summary", "plot_summary",
     "summarize", "verify_cache",
 ]

@@ -80,15 +80,24 @@ def verify_cache(uri: str | os.PathLike) -> VerifyReport:
 def _check_values(block, where: str) -> None:
     if block.positions and not np.all(np.isfinite(block.topk_logprobs)):
         raise CacheError(f"{where}: non-finite top-k log-probabilities")
+    if block.sample_ids is not None and block.sample_ids.size:
+        pos = np.repeat(np.arange(block.positions), block.sample_sizes)
+        key = pos.astype(np.int64) * (int(block.sample_ids.max()) + 1) + block.sample_ids
+        if len(np.unique(key)) != len(key):
+            raise CacheError(f"{where}: an id is stored twice among one position's draws")
 
 
 @dataclass
 class Summary:
     manifest: CacheManifest
     totals: dict[str, int]
-    topk_mass: np.ndarray  # per sampled position
+    topk_mass: np.ndarray  # per sampled position: the head's mass (sampled caches: the drawn ids' exact mass)
     top1_prob: np.ndarray
-    target_in_topk: float
+    target_in_topk: float  # the actual token in the head (sampled caches: among the drawn ids)
+    target_stored: float = float("nan")  # sampled and hybrid: the actual token in the head or among the drawn ids
+    distinct: np.ndarray | None = None  # sampled and hybrid: distinct ids drawn per position
+    ess: np.ndarray | None = None  # their importance weights' effective sample size (Kish) per position
+    support_mass: np.ndarray | None = None  # the teacher's exact mass on the head and the drawn ids
 
 
 def summarize(uri: str | os.PathLike, max_positions: int | None = None) -> Summary:
@@ -96,26 +105,72 @@ def summarize(uri: str | os.PathLike, max_positions: int | None = None) -> Summa
     from .reader import CacheReader
 
     reader = CacheReader(uri)
-    masses, top1, hits, n = [], [], 0, 0
+    enc = reader.info.encoding
+    masses, top1, hits, stored, n = [], [], 0, 0, 0
+    draws: dict[str, list] = {"distinct": [], "ess": [], "support_mass": []}
     for block in _all_blocks(reader):
         lp = block.topk_logprobs.astype(np.float64)
-        masses.append(np.exp(lp).sum(1))
-        top1.append(np.exp(lp[:, 0]))
+        head_mass = np.exp(lp).sum(1)
         labels = block.input_ids[block.loss_mask]
-        hits += int((block.topk_ids == labels[:, None]).any(1).sum())
+        found = (block.topk_ids == labels[:, None]).any(1)
+        if enc.sampled:
+            stats = _draw_stats(block, enc.sample_temperature, labels)
+            for key in draws:
+                draws[key].append(stats[key])
+            stored += int((found | stats["label_drawn"]).sum())
+            found = found if enc.k else stats["label_drawn"]
+            draws["support_mass"][-1] = head_mass + stats["support_mass"]
+        if enc.k:
+            masses.append(head_mass)
+            top1.append(np.exp(lp[:, 0]))
+        else:  # no head: the drawn ids' mass, and the most likely drawn id (the mode, at any useful N)
+            masses.append(draws["support_mass"][-1])
+            top1.append(stats["first"])
+        hits += int(found.sum())
         n += block.positions
         if max_positions is not None and n >= max_positions:
             break
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
     return Summary(
         manifest=reader.manifest, totals=reader.manifest.totals(), topk_mass=cat(masses), top1_prob=cat(top1),
-        target_in_topk=hits / n if n else float("nan"),
+        target_in_topk=hits / n if n else float("nan"), target_stored=stored / n if n else float("nan"),
+        **({key: cat(v) for key, v in draws.items()} if enc.sampled else {}),
     )
+
+
+def _draw_stats(block, temperature: float, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per position: distinct ids, the exact teacher mass they hold, the Kish effective sample size of the
+    self-normalized weights for the teacher at T = 1 (c * p^(1 - 1/tau); N^2 / sum c^2 at tau = 1), the
+    most likely drawn id's probability, and whether the actual token was drawn."""
+    sizes = block.sample_sizes
+    pos = np.repeat(np.arange(len(sizes)), sizes)
+    lp = block.sample_logprobs.astype(np.float64)
+    w = block.sample_counts * np.exp(lp * (1.0 - 1.0 / temperature))
+    sum_w = np.bincount(pos, weights=w, minlength=len(sizes))
+    sum_w2 = np.bincount(pos, weights=w * w, minlength=len(sizes))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ess = np.where(sum_w2 > 0, sum_w ** 2 / np.maximum(sum_w2, 1e-300), 0.0)
+    first = np.zeros(len(sizes))
+    starts = block.sample_offsets[:-1][sizes > 0]
+    first[sizes > 0] = np.exp(lp[starts])
+    drawn = np.zeros(len(sizes), dtype=bool)
+    drawn[pos[block.sample_ids == labels[pos]]] = True
+    return {"distinct": sizes.astype(np.float64), "ess": ess, "first": first, "label_drawn": drawn,
+            "support_mass": np.bincount(pos, weights=np.exp(lp), minlength=len(sizes))}
 
 
 def _all_blocks(reader):
     for entry in reader.shards:
         yield from load_shard(reader.dir, entry, reader.info).blocks()
+
+
+def _targets(enc) -> str:
+    head = f"top-{enc.k}  (log-prob step {enc.lp_step:g} nats)"
+    if not enc.sampled:
+        return head
+    draws = (f"{enc.samples} draws per position at proposal temperature {enc.sample_temperature:g} (log-prob step "
+             f"{enc.sample_lp_step:g} nats)")
+    return f"sampled: {draws}" if enc.kind == "sampled" else f"hybrid: {head} + {draws} from the tail"
 
 
 def _padding(info) -> str:
@@ -135,7 +190,7 @@ def format_summary(s: Summary) -> str:
         f"tokenizer      {info.tokenizer.get('name_or_path')}  vocab {info.vocab_size}{_padding(info)}  "
         f"({info.tokenizer.get('fingerprint')})",
         f"engine         {info.engine.get('name')} {info.engine.get('version', '')}  dtype {info.teacher.get('dtype', '?')}",
-        f"targets        top-{info.k}  (log-prob step {info.encoding.lp_step:g} nats)",
+        f"targets        {_targets(info.encoding)}",
         f"workers        {done}/{info.num_workers} complete",
         f"shards         {t['shards']}",
         f"sequences      {t['sequences']:,}" + (f"  (longest {longest:,} tokens)" if longest else ""),
@@ -144,6 +199,17 @@ def format_summary(s: Summary) -> str:
         f"bytes          {t['bytes']:,}  ({t['bytes'] / max(t['tokens'], 1):.1f}/token, "
         f"{t['bytes'] / max(t['positions'], 1):.1f}/trained position)",
     ]
+    if s.distinct is not None and len(s.distinct):
+        enc = info.encoding
+        lines += [
+            f"draws          {s.distinct.mean():.1f} distinct ids per position of {enc.samples} draws (median "
+            f"{np.median(s.distinct):.0f}, max {s.distinct.max():.0f}); effective sample size {s.ess.mean():.1f} "
+            f"(median {np.median(s.ess):.1f})",
+            f"support        mean teacher mass on the {'head and ' if enc.k else ''}drawn ids {s.support_mass.mean():.4f}; "
+            f"actual token stored: {s.target_stored:.2%}",
+        ]
+        if not enc.k:
+            return "\n".join(lines + [f"teacher top-1  mean probability of the most likely drawn id {s.top1_prob.mean():.4f}"])
     if len(s.topk_mass):
         lines += [
             f"coverage       mean top-{info.k} mass {s.topk_mass.mean():.4f}  (min {s.topk_mass.min():.4f}, "
@@ -177,7 +243,8 @@ def plot_summary(s: Summary, path: str) -> None:
     k = s.manifest.info.k
     mass = np.clip(s.topk_mass, 0.0, 1.0)  # quantized sums can pass 1 by a hair
     axes[0].hist(mass, bins=25, range=(0, 1), color="#3366aa")
-    axes[0].set(title=f"top-{k} probability mass per position", xlabel="teacher probability mass in the top-k",
+    what = f"top-{k}" if k else "drawn ids'"
+    axes[0].set(title=f"{what} probability mass per position", xlabel=f"teacher probability mass in the {what}",
                 ylabel="trained positions")
     edges = _level_edges(s.manifest.info.encoding.lp_step)
     counts, _ = np.histogram(np.clip(s.top1_prob, 0.0, 1.0), bins=edges)

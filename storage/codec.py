@@ -16,6 +16,7 @@ import numpy as np
 
 LP_STEP = 1.0 / 32
 AUX_STEP = 1.0 / 256
+SAMPLE_LP_STEP = 1.0 / 8  # drawn ids' log-probabilities: within 1/16 nat (their Monte Carlo noise is far larger)
 Q_MAX = np.iinfo(np.uint16).max
 
 
@@ -94,3 +95,64 @@ def frequency_table(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.nd
     inverse = np.zeros(vocab_size, dtype=np.int32)
     inverse[table] = np.arange(len(table), dtype=np.int32)
     return table, inverse
+
+
+def quantize_sorted_runs(logprobs: np.ndarray, sizes: np.ndarray, step: float = LP_STEP) -> np.ndarray:
+    """Flat log-probabilities, descending within each run of `sizes` -> uint16 gaps (a run's first: absolute).
+
+    The variable-length form of `quantize_topk`, for the distinct ids drawn at each position.
+    """
+    q = np.multiply(logprobs, np.float32(-1.0 / step), dtype=np.float32)
+    np.rint(q, out=q)
+    np.clip(q, 0, Q_MAX, out=q)
+    codes = q.astype(np.uint16)
+    gaps = codes.copy()
+    if codes.size > 1:
+        np.subtract(codes[1:], codes[:-1], out=gaps[1:])
+        starts = run_starts(sizes)
+        gaps[starts] = codes[starts]
+    return gaps
+
+
+def dequantize_sorted_runs(gaps: np.ndarray, sizes: np.ndarray, step: float = LP_STEP) -> np.ndarray:
+    if gaps.size == 0:
+        return np.zeros(0, np.float32)
+    total = np.cumsum(gaps, dtype=np.int64)  # running sum across runs, then remove each run's offset
+    starts = run_starts(sizes)
+    offset = np.zeros(len(gaps), np.int64)
+    offset[starts] = total[starts] - gaps[starts]
+    np.maximum.accumulate(offset, out=offset)
+    out = (total - offset).astype(np.float32)
+    out *= np.float32(-step)
+    return out
+
+
+def run_starts(sizes: np.ndarray) -> np.ndarray:
+    """Indices where the non-empty runs of `sizes` begin in the flat array."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    return starts[sizes > 0]
+
+
+def predicted_counts(lp_codes: np.ndarray, tail_codes: np.ndarray | None, samples: int, lp_step: float,
+                     aux_step: float, temperature: float) -> np.ndarray:
+    """Expected count of each drawn id, N * p / tail, from the quantized codes alone (so the decoder gets the same
+    numbers): counts are stored as their difference from it. Code * step is exact in float64 (the steps are
+    powers of two). At a proposal temperature other than 1 the proposal's normalizer is unknown here: 1."""
+    if temperature != 1.0:
+        return np.ones(len(lp_codes), dtype=np.int64)
+    x = -lp_codes.astype(np.float64) * lp_step
+    if tail_codes is not None:
+        x += tail_codes.astype(np.float64) * aux_step
+    return np.maximum(1, np.floor(samples * np.exp(np.minimum(x, 0.0)) + 0.5)).astype(np.int64)
+
+
+def zigzag(x: np.ndarray) -> np.ndarray:
+    """Signed -> unsigned, small magnitudes to small codes: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+    x = x.astype(np.int64)
+    return np.where(x >= 0, 2 * x, -2 * x - 1)
+
+
+def unzigzag(u: np.ndarray) -> np.ndarray:
+    u = u.astype(np.int64)
+    return np.where(u % 2 == 0, u // 2, -(u + 1) // 2)

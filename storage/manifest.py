@@ -19,10 +19,10 @@ import pyarrow.fs as pafs
 
 from .errors import CacheCorruptError, CacheNotFoundError, CacheVersionError
 from .fs import CacheDir, safe_relpath
-from .shard import FORMAT_VERSION, Encoding
+from .shard import KINDS, READ_VERSIONS, Encoding, format_version_for
 
 FORMAT_NAME = "adakd-teacher-cache"
-TARGET_KINDS = ("topk",)
+TARGET_KINDS = KINDS
 MANIFEST_RE = re.compile(r"^manifest-(\d{5})\.json$")
 
 
@@ -115,10 +115,16 @@ def _count(x: Any) -> bool:
 def _check_info(info: CacheInfo, where: str) -> None:
     """The settings readers compute with must have their types: a re-signed edit passes the checksum."""
     enc = info.encoding
-    if not (_count(info.num_workers) and info.num_workers >= 1 and enc.k >= 1 and enc.vocab_size >= 1
-            and all(math.isfinite(x) and x > 0 for x in (enc.lp_step, enc.aux_step))):
+    if info.target_kind not in TARGET_KINDS or enc.kind not in TARGET_KINDS:
+        raise CacheVersionError(f"{where}: target kind {info.target_kind!r} is not known to this adakd "
+                                f"(it reads {', '.join(TARGET_KINDS)}); upgrade adakd")
+    head_ok = enc.k == 0 if enc.kind == "sampled" else enc.k >= 1
+    draws_ok = (enc.samples >= 1) == enc.sampled and math.isfinite(enc.sample_temperature) and enc.sample_temperature > 0
+    if not (_count(info.num_workers) and info.num_workers >= 1 and head_ok and draws_ok and enc.vocab_size >= 1
+            and info.target_kind == enc.kind and all(math.isfinite(x) and x > 0 for x in (enc.lp_step, enc.aux_step))):
         raise CacheCorruptError(
-            f"{where}: malformed cache settings (num_workers {info.num_workers!r}, k {enc.k}, vocab_size "
+            f"{where}: malformed cache settings (num_workers {info.num_workers!r}, kind {info.target_kind!r}/"
+            f"{enc.kind!r}, k {enc.k}, samples {enc.samples}, sample temperature {enc.sample_temperature}, vocab_size "
             f"{enc.vocab_size}, steps {enc.lp_step}, {enc.aux_step})"
         )
 
@@ -135,7 +141,7 @@ class WorkerManifest:
     def to_json(self) -> dict[str, Any]:
         body = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version_for(self.info.encoding.kind),
             "created_by": self.created_by,
             "cache": self.info.to_json(),
             "worker_index": self.worker_index,
@@ -158,9 +164,9 @@ class WorkerManifest:
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
             raise CacheCorruptError(f"{where}: not an adakd cache manifest")
         version = body.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise CacheVersionError(
-                f"{where}: cache format version {version!r}, but this adakd reads version {FORMAT_VERSION} only. "
+                f"{where}: cache format version {version!r}, but this adakd reads versions {READ_VERSIONS} only. "
                 "Use the adakd version that wrote it, or rebuild the cache."
             )
         stored = body.pop("checksum", None)
@@ -169,8 +175,8 @@ class WorkerManifest:
         try:
             info = CacheInfo.from_json(body["cache"])
             _check_info(info, where)
-            if info.target_kind not in TARGET_KINDS:
-                raise CacheVersionError(f"{where}: target kind {info.target_kind!r} is not known to this adakd")
+            if version != format_version_for(info.target_kind):
+                raise CacheCorruptError(f"{where}: format version {version} does not hold {info.target_kind} targets")
             shards = [ShardEntry.from_json(s, where) for s in body["shards"]]
             return cls(
                 info=info, worker_index=int(body["worker_index"]), shards=shards,

@@ -22,10 +22,23 @@ class SequenceTargets:
     target_logprob: np.ndarray  # (n,) float32, log-probability of the actual label token
     tail_logmass: np.ndarray | None = None  # (n,) float32, log(1 - top-k mass); -inf when zero
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # optional (n,) float32 fields
+    # Sampled and hybrid caches (None in top-k caches): the teacher's N draws at each trained position, as the
+    # distinct ids drawn with their counts. Flat over the positions (position-major); within a position by
+    # descending log-probability, ties by ascending id. In a `sampled` cache k = 0 (topk_* are (n, 0)) and the
+    # draws come from the whole distribution; in a `hybrid` cache they come from the renormalized tail
+    # outside the top-k (none where the tail is empty).
+    sample_sizes: np.ndarray | None = None  # (n,) int32, distinct ids drawn at each position
+    sample_ids: np.ndarray | None = None  # (S,) int32, S = sample_sizes.sum()
+    sample_counts: np.ndarray | None = None  # (S,) int32 >= 1; a position's counts sum to N
+    sample_logprobs: np.ndarray | None = None  # (S,) float32, the teacher's log-probability (T = 1) of each id
 
     @property
     def num_positions(self) -> int:
         return int(self.topk_ids.shape[0])
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_sizes is not None
 
     @property
     def positions(self) -> np.ndarray:

@@ -233,7 +233,7 @@ def validate_sequence(s: SequenceTargets, enc: Encoding, last_record: int = -1) 
         s.target_logprob = np.asarray(s.target_logprob, dtype=np.float32).reshape(n)
     except ValueError as e:
         raise CacheError(f"{where}: per-position arrays must be ({n}, {enc.k}) and ({n},) for {n} trained tokens") from e
-    if n and (s.topk_ids.min() < 0 or s.topk_ids.max() >= enc.vocab_size):
+    if n and enc.k and (s.topk_ids.min() < 0 or s.topk_ids.max() >= enc.vocab_size):
         raise CacheError(f"{where}: top-k ids outside the vocabulary of {enc.vocab_size}")
     if np.isnan(s.topk_logprobs.sum()) or np.isnan(s.target_logprob.sum()):
         raise CacheError(f"{where}: NaN log-probabilities from the teacher")
@@ -241,7 +241,13 @@ def validate_sequence(s: SequenceTargets, enc: Encoding, last_record: int = -1) 
         order = np.argsort(-s.topk_logprobs, axis=1, kind="stable")
         s.topk_ids = np.take_along_axis(s.topk_ids, order, 1)
         s.topk_logprobs = np.take_along_axis(s.topk_logprobs, order, 1)
-    if enc.k >= enc.vocab_size:
+    if enc.sampled:
+        _validate_samples(s, enc, n, where)
+    elif s.sampled:
+        raise CacheError(f"{where}: sampled targets given to a top-k cache")
+    if enc.kind == "sampled":
+        s.tail_logmass = np.zeros(n, dtype=np.float32)  # every token is outside the (empty) head: log 1
+    elif enc.k >= enc.vocab_size:
         s.tail_logmass = np.full(n, -np.inf, dtype=np.float32)
     elif s.tail_logmass is not None:
         s.tail_logmass = np.asarray(s.tail_logmass, dtype=np.float32).reshape(n)
@@ -249,3 +255,41 @@ def validate_sequence(s: SequenceTargets, enc: Encoding, last_record: int = -1) 
         if f not in s.extras:
             raise CacheError(f"{where}: the cache declares field {f!r}, which this sequence lacks")
         s.extras[f] = np.asarray(s.extras[f], dtype=np.float32).reshape(n)
+
+
+def _validate_samples(s: SequenceTargets, enc: Encoding, n: int, where: str) -> None:
+    """Draws: sizes per position, counts summing to N, distinct ids per position (outside the head in a hybrid
+    cache), finite log-probabilities; normalized in place to descending log-probability, ties by ascending id."""
+    if not s.sampled:
+        raise CacheError(f"{where}: a {enc.kind} cache needs the teacher's draws (sample_sizes, sample_ids, ...)")
+    try:
+        sizes = np.asarray(s.sample_sizes, dtype=np.int64).reshape(n)
+        S = int(sizes.sum())
+        ids = np.asarray(s.sample_ids, dtype=np.int64).reshape(S)
+        counts = np.asarray(s.sample_counts, dtype=np.int64).reshape(S)
+        lps = np.asarray(s.sample_logprobs, dtype=np.float32).reshape(S)
+    except ValueError as e:
+        raise CacheError(f"{where}: draw arrays must hold sample_sizes.sum() entries, sample_sizes one per trained "
+                         f"token ({n})") from e
+    if n and sizes.min() < (1 if enc.kind == "sampled" else 0):
+        raise CacheError(f"{where}: a position without draws in a sampled cache")
+    pos = np.repeat(np.arange(n), sizes)
+    if S:
+        if ids.min() < 0 or ids.max() >= enc.vocab_size:
+            raise CacheError(f"{where}: drawn ids outside the vocabulary of {enc.vocab_size}")
+        if counts.min() < 1:
+            raise CacheError(f"{where}: a drawn id with a count below 1")
+        if not np.all(np.isfinite(lps)) or lps.max() > 1e-3:
+            raise CacheError(f"{where}: drawn ids' log-probabilities must be finite and <= 0")
+        order = np.lexsort((ids, -lps, pos))
+        if not np.array_equal(order, np.arange(S)):
+            ids, counts, lps = ids[order], counts[order], lps[order]
+        if ((pos[1:] == pos[:-1]) & (ids[1:] == ids[:-1])).any():
+            raise CacheError(f"{where}: an id appears twice among one position's draws (store it once with its count)")
+        if enc.k and (ids[:, None] == s.topk_ids[pos]).any():
+            raise CacheError(f"{where}: a drawn id is in the top-k head; hybrid draws come from the tail only")
+        per_pos = np.bincount(pos, weights=counts, minlength=n)
+        if not np.all(per_pos[sizes > 0] == enc.samples):
+            raise CacheError(f"{where}: counts must sum to the cache's {enc.samples} draws at every position")
+    s.sample_sizes = sizes.astype(np.int32)
+    s.sample_ids, s.sample_counts, s.sample_logprobs = ids.astype(np.int32), counts.astype(np.int32), lps

@@ -1,5 +1,7 @@
 """`adakd eval` on a held-out cache: NLL of the true tokens, KL(teacher || student) on the cached support,
-and top-1 agreement with the teacher, averaged over trained positions."""
+and top-1 agreement with the teacher, averaged over trained positions. On a sampled or hybrid cache the KL is
+the weighted-support estimate of the forward KL and the agreement is with the support's first id (the head's
+first id, or the drawn id of highest log-probability)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,18 @@ from storage import CacheReader
 
 from .batches import batches
 from .head import final_hidden, output_head
-from .losses import fkl, student_buckets, teacher_buckets
+from .kd_loss import Targets
+from .losses import fkl, student_buckets, student_support, teacher_buckets, weighted_teacher
 from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, student_tokenizer,
                       target_vocab)
+
+
+def cached_kl(z: torch.Tensor, t: Targets) -> torch.Tensor:
+    """KL(teacher || student) per position on the cached targets: on the top-k buckets, or the weighted
+    forward-KL estimate on a sampled or hybrid cache's support."""
+    if t.weights is not None:
+        return fkl(weighted_teacher(t.topk_logprobs, t.weights), student_support(z, t.topk_ids), weights=t.weights)
+    return fkl(teacher_buckets(t.topk_logprobs, t.tail_logmass, t.vocab_size), student_buckets(z, t.topk_ids))
 
 
 @torch.no_grad()
@@ -31,7 +42,7 @@ def evaluate_cache(model_dir: str, cache: str, batch_tokens: int = 8192, chunk: 
     nll = kl = agree = 0.0
     n = 0
     stream = reader.stream()
-    for b in batches(stream, batch_tokens, vocab, max_length):
+    for b in batches(stream, batch_tokens, vocab, max_length, reader.info.encoding.sample_temperature):
         b = b.to(device)
         hidden = final_hidden(model, b.input_ids, b.attention_mask)[b.rows, b.cols]
         t = b.targets
@@ -42,8 +53,7 @@ def evaluate_cache(model_dir: str, cache: str, batch_tokens: int = 8192, chunk: 
             sl = slice(c, c + chunk)
             z = head.logits(hidden[sl])
             nll += torch.nn.functional.cross_entropy(z, t.labels[sl], reduction="sum").item()
-            lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size)
-            kl += fkl(lp, student_buckets(z, t.topk_ids[sl])).sum().item()
+            kl += cached_kl(z, t.index(torch.arange(sl.start, sl.start + z.shape[0], device=z.device))).sum().item()
             agree += (z.argmax(-1) == t.topk_ids[sl, 0]).sum().item()
         n += hidden.shape[0]
         if max_positions and n >= max_positions:

@@ -6,6 +6,10 @@ output weight, and freed. The gradient with respect to the logits is written ana
 divergence only sees the k + 1 bucket log-probabilities, so autograd runs on (chunk, k + 1) tensors and
 the vocabulary-wide part is a closed form (softmax terms), a few passes over one buffer.
 
+Sampled and hybrid caches give a weighted support (`Targets.weights`): the divergence is the estimate
+sum_b m_b h(p_b, q_b) over the support's entries (no tail bucket), and ids may repeat within a row (padding),
+so the gradient's scatter there is duplicate-safe.
+
 With AdaKD a first pass (no gradient) computes the token difficulties. When the whole micro-batch fits
 in one chunk its logits are computed once and reused; otherwise the second pass recomputes them, for
 the selected positions only when the loss is pure KD.
@@ -22,7 +26,7 @@ import torch
 
 from .adakd import AdaKDConfig, LATFState, idts_temperatures, select
 from .head import OutputHead
-from .losses import NEG_INF, divergence, hellinger, teacher_buckets
+from .losses import NEG_INF, divergence, hellinger, teacher_buckets, weighted_teacher
 
 
 @dataclass
@@ -58,16 +62,24 @@ class LossConfig:
 
 @dataclass
 class Targets:
-    """Teacher targets at the valid positions of a batch (all on the training device)."""
+    """Teacher targets at the valid positions of a batch (all on the training device).
 
-    topk_ids: torch.Tensor  # (N, k) int64
-    topk_logprobs: torch.Tensor  # (N, k) float32
+    Top-k caches (`weights` None): the k ids and log-probabilities, plus the tail bucket. Sampled and hybrid
+    caches: `topk_ids`/`topk_logprobs` hold a weighted support of W entries per position (the exact head,
+    then the drawn ids, by descending log-probability; padding last, repeating the row's first entry) and
+    `weights` their multiplicities (1 for the head, importance weights for the draws, 0 for padding).
+    """
+
+    topk_ids: torch.Tensor  # (N, k) int64, or (N, W)
+    topk_logprobs: torch.Tensor  # (N, k) float32, or (N, W): log-probabilities at T = 1
     tail_logmass: torch.Tensor  # (N,) float32
     labels: torch.Tensor  # (N,) int64
     vocab_size: int
+    weights: torch.Tensor | None = None  # (N, W) float32 multiplicities; None: top-k buckets
 
     def index(self, idx: torch.Tensor) -> "Targets":
-        return Targets(self.topk_ids[idx], self.topk_logprobs[idx], self.tail_logmass[idx], self.labels[idx], self.vocab_size)
+        return Targets(self.topk_ids[idx], self.topk_logprobs[idx], self.tail_logmass[idx], self.labels[idx], self.vocab_size,
+                       self.weights[idx] if self.weights is not None else None)
 
 
 @dataclass
@@ -78,6 +90,12 @@ class LossOutput:
     valid: int
     selected: int
     temperatures: torch.Tensor  # (selected,), detached
+
+
+def _student_support(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor):
+    """From e = exp(z/T - m) (left unchanged): log-probs of the support's ids (repeats allowed), and sum(e)."""
+    s = e.sum(-1, keepdim=True)
+    return zt_ids - m - s.log(), s
 
 
 def _student_stats(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor, ids: torch.Tensor):
@@ -110,6 +128,11 @@ def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 
         if row_max is not None:
             row_max.append(m)
         e = (zz - m).exp_()
+        if t.weights is not None:
+            w = t.weights[sub]
+            lq, _ = _student_support(e, zz.gather(-1, t.topk_ids[sub]), m)
+            out.append(hellinger(weighted_teacher(t.topk_logprobs[sub], w), lq, w))
+            continue
         lq, *_ = _student_stats(e, zz.gather(-1, t.topk_ids[sub]), m, t.topk_ids[sub])
         lp = teacher_buckets(t.topk_logprobs[sub], t.tail_logmass[sub], t.vocab_size)
         out.append(hellinger(lp, lq))
@@ -155,6 +178,8 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     zt_ids = zt.gather(-1, ids)
     m = row_max / Tc if row_max is not None else zt.max(-1, keepdim=True).values
     e = zt.sub_(m).exp_()
+    if t.weights is not None:
+        return _weighted_kd(e, zt_ids, m, t, sl, T, Tc, w_kd, cfg, g_ce, total, ce_sum)
     lq, s, r, e_ids = _student_stats(e, zt_ids, m, ids)
     lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
     with torch.enable_grad():
@@ -169,6 +194,28 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     alpha = torch.where(r > 0, G_tail / r.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(r)) - S / s
     g = e.mul_(alpha / Tc)  # e is zero at the ids
     g.scatter_(-1, ids, (G_head - S * e_ids / s) / Tc)
+    if g_ce is not None:
+        g.add_(g_ce)
+    total = total + (w_kd * d).sum()
+    kd_sum = ((w_kd > 0) * T.pow(2) * d).sum()
+    return g, total, kd_sum, ce_sum
+
+
+def _weighted_kd(e, zt_ids, m, t: Targets, sl: slice, T, Tc, w_kd, cfg: LossConfig, g_ce, total, ce_sum):
+    """The KD part of `_chunk_loss_and_grad` on a weighted support; e = exp(z/T - m) becomes the gradient."""
+    ids, w = t.topk_ids[sl], t.weights[sl]
+    lq, s = _student_support(e, zt_ids, m)
+    lp = weighted_teacher(t.topk_logprobs[sl], w, T)
+    with torch.enable_grad():
+        lq_leaf = lq.detach().requires_grad_(True)
+        d = divergence(cfg.loss)(lp, lq_leaf, weights=w, **cfg.divergence_kwargs())
+        (G,) = torch.autograd.grad((w_kd.to(d.dtype) * d).sum(), lq_leaf)
+    d = d.detach()
+    G = torch.nan_to_num(G, nan=0.0)
+    # d lq_b/d zt = onehot(ids_b) - q: the -S q part everywhere (at repeated ids too), then each entry's G_b
+    # added at its id (padding entries have G_b = 0)
+    g = e.mul_(-G.sum(-1, keepdim=True) / (s * Tc))
+    g.scatter_add_(-1, ids, G / Tc)
     if g_ce is not None:
         g.add_(g_ce)
     total = total + (w_kd * d).sum()

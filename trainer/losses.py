@@ -4,6 +4,12 @@ Both distributions are coarse-grained onto the same k + 1 buckets: the teacher's
 other token". The teacher's bucket values come from the cache; the student's are its probabilities of
 those ids and the rest of its mass. With k = V the tail is empty and every divergence is the dense one.
 
+Sampled and hybrid caches give a weighted support instead (`weights` is not None): each entry b is one token
+id with an importance multiplicity m_b (1 for an exact head entry, 0 for padding), and a divergence that is
+a per-token sum D = sum_v h(p_v, q_v) is estimated as sum_b m_b h(p_b, q_b) (docs/train-student.md,
+"Sampled and hybrid targets: the estimators"). No tail bucket then: lp and lq are the entries' own
+log-probabilities.
+
 Temperature: inside the top-k, tempering is exact (p^(T) is proportional to p^(1/T)). The tail's share
 at temperature T is estimated by spreading the tail evenly over the other V - k tokens:
 weight = (V - k) * (tail / (V - k))^(1/T); exact at T = 1 and when the tail is zero.
@@ -39,6 +45,20 @@ def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, voc
     return torch.log_softmax(torch.cat([head, tail], dim=-1), dim=-1)
 
 
+def weighted_teacher(lp: torch.Tensor, weights: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(n, W) log-probabilities of the teacher on a weighted support at `temperature`: lp / T minus the
+    self-normalized estimate log sum_b m_b exp(lp_b / T) of the tempered normalizer (exact at T = 1 with
+    sum_b m_b p_b = 1). `lp`: the stored log-probabilities at T = 1."""
+    x = lp / _as_column(temperature, lp)
+    return x - torch.logsumexp(x + weights.to(x.dtype).log(), dim=-1, keepdim=True)
+
+
+def student_support(logits: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(n, W) log-probabilities of the student at `temperature` of the ids (repeats allowed): no tail bucket."""
+    z = _at_least_fp32(logits) / _as_column(temperature, logits)
+    return z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
 def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """(n, k + 1) log-probabilities of the student at `temperature` on the teacher's buckets."""
     z = _at_least_fp32(logits) / _as_column(temperature, logits)
@@ -58,11 +78,16 @@ def _as_column(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | fl
     return t
 
 
-def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+def _sum(terms: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_b terms_b per row, or the weighted-support estimate sum_b m_b terms_b."""
+    return terms.sum(-1) if weights is None else (weights.to(terms.dtype) * terms).sum(-1)
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p || q) per row from log-probabilities; 0 * log 0 = 0, and no NaN from -inf - -inf."""
     p = lp.exp()
     diff = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
-    return (p * diff).sum(-1)
+    return _sum(p * diff, weights)
 
 
 def _log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:
@@ -72,52 +97,59 @@ def _log_mix(lp: torch.Tensor, lq: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(lp.clamp_min(LOG_FLOOR) + math.log(w), lq.clamp_min(LOG_FLOOR) + math.log1p(-w))
 
 
-def fkl(lp, lq, **_):
-    return _kl(lp, lq)
+def fkl(lp, lq, weights=None, **_):
+    return _kl(lp, lq, weights)
 
 
-def rkl(lp, lq, **_):
-    return _kl(lq, lp)
+def rkl(lp, lq, weights=None, **_):
+    return _kl(lq, lp, weights)
 
 
-def jsd(lp, lq, jsd_beta: float = 0.1, **_):
+def jsd(lp, lq, jsd_beta: float = 0.1, weights=None, **_):
     """beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q (beta: the teacher's weight)."""
     m = _log_mix(lp, lq, jsd_beta)
-    return jsd_beta * _kl(lp, m) + (1 - jsd_beta) * _kl(lq, m)
+    return jsd_beta * _kl(lp, m, weights) + (1 - jsd_beta) * _kl(lq, m, weights)
 
 
-def sfkl(lp, lq, skew: float = 0.1, **_):
+def sfkl(lp, lq, skew: float = 0.1, weights=None, **_):
     """Skew forward KL: KL(p || skew * p + (1 - skew) * q)."""
-    return _kl(lp, _log_mix(lp, lq, skew))
+    return _kl(lp, _log_mix(lp, lq, skew), weights)
 
 
-def srkl(lp, lq, skew: float = 0.1, **_):
+def srkl(lp, lq, skew: float = 0.1, weights=None, **_):
     """Skew reverse KL: KL(q || skew * q + (1 - skew) * p)."""
-    return _kl(lq, _log_mix(lq, lp, skew))
+    return _kl(lq, _log_mix(lq, lp, skew), weights)
 
 
-def tvd(lp, lq, **_):
-    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+def tvd(lp, lq, weights=None, **_):
+    return 0.5 * _sum((lp.exp() - lq.exp()).abs(), weights)
 
 
-def akl(lp, lq, akl_mu: float = 0.5, **_):
+def akl(lp, lq, akl_mu: float = 0.5, weights=None, **_):
     """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the head and tail gaps (weights held constant).
 
     Head: the teacher's highest-probability buckets whose cumulative mass stays within `akl_mu` (the
-    top-k buckets are already sorted; the tail bucket is always in the tail).
+    top-k buckets are already sorted; the tail bucket is always in the tail). On a weighted support (sorted
+    by descending teacher log-probability, padding last) the mass is the estimate m_b p_b and the gaps
+    are weighted by m_b; every entry may be head.
     """
     p, q = lp.exp(), lq.exp()
-    head_p = p[:, :-1]
-    head = (torch.cumsum(head_p, -1) - head_p) < akl_mu  # mass before this bucket is below mu
-    head = torch.cat([head, torch.zeros_like(head[:, :1])], -1)
-    gap = (p - q).abs().detach()
+    if weights is None:
+        head_p = p[:, :-1]
+        head = (torch.cumsum(head_p, -1) - head_p) < akl_mu  # mass before this bucket is below mu
+        head = torch.cat([head, torch.zeros_like(head[:, :1])], -1)
+        gap = (p - q).abs().detach()
+    else:
+        mass = weights.to(p.dtype) * p.detach()
+        head = (torch.cumsum(mass, -1) - mass) < akl_mu
+        gap = weights.to(p.dtype) * (p - q).abs().detach()
     g_head = (gap * head).sum(-1)
     g_tail = (gap * ~head).sum(-1)
     denom = (g_head + g_tail).clamp_min(1e-12)
-    return (g_head / denom) * _kl(lp, lq) + (g_tail / denom) * _kl(lq, lp)
+    return (g_head / denom) * _kl(lp, lq, weights) + (g_tail / denom) * _kl(lq, lp, weights)
 
 
-def abkd(lp, lq, abkd_alpha: float = 0.2, abkd_beta: float = 0.7, **_):
+def abkd(lp, lq, abkd_alpha: float = 0.2, abkd_beta: float = 0.7, weights=None, **_):
     """Alpha-beta divergence D_AB^(a, b)(p || q) (Cichocki, Cruces & Amari, "Generalized Alpha-Beta Divergences
     and Their Application to Robust Nonnegative Matrix Factorization", Entropy 13, 2011), as the ABKD code
     computes it: Wang et al., "ABKD: Pursuing a Proper Allocation of the Probability Mass in Knowledge
@@ -142,7 +174,7 @@ def abkd(lp, lq, abkd_alpha: float = 0.2, abkd_beta: float = 0.7, **_):
 
     An empty bucket (both probabilities zero: the tail when k = V) contributes nothing, as a masked token
     does in the official code. Powers and ratios are taken in log space (p^a = exp(a ln p)), so underflowed
-    powers give no 0/0.
+    powers give no 0/0. With `weights`, the per-token terms are summed with them (a weighted support).
     """
     a, b = float(abkd_alpha), float(abkd_beta)
     empty = torch.isneginf(lp) & torch.isneginf(lq)
@@ -161,7 +193,7 @@ def abkd(lp, lq, abkd_alpha: float = 0.2, abkd_beta: float = 0.7, **_):
     else:
         s = a + b
         terms = -(torch.exp(a * lp + b * lq) - (a / s) * torch.exp(s * lp) - (b / s) * torch.exp(s * lq)) / (a * b)
-    return torch.where(empty, torch.zeros_like(terms), terms).sum(-1)
+    return _sum(torch.where(empty, torch.zeros_like(terms), terms), weights)
 
 
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
@@ -175,8 +207,12 @@ def divergence(name: str) -> Callable[..., torch.Tensor]:
     return DIVERGENCES[name]
 
 
-def hellinger(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """Hellinger distance per row, in [0, 1]."""
+def hellinger(lp: torch.Tensor, lq: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Hellinger distance per row, in [0, 1]. On a weighted support: sqrt(clamp(1 - BC, 0, 1)) with the
+    Bhattacharyya coefficient estimated as BC = sum_b m_b sqrt(p_b q_b)."""
+    if weights is not None:
+        bc = _sum(torch.exp(0.5 * (lp + lq)), weights)
+        return (1 - bc).clamp(0, 1).sqrt()
     d = (torch.exp(0.5 * lp) - torch.exp(0.5 * lq)).pow(2).sum(-1)
     return (d.clamp_min(0) / 2).sqrt()
 

@@ -118,7 +118,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int) -> int:
     """Micro-batches in one epoch of this rank (decodes the rank's whole share: only for --epochs)."""
     stream = reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0)
-    return sum(1 for _ in batches(stream, cfg.batch_tokens, vocab, cfg.max_length))
+    return sum(1 for _ in batches(stream, cfg.batch_tokens, vocab, cfg.max_length,
+                                  reader.info.encoding.sample_temperature))
 
 
 def check_ids(b: Batch, outputs: int, cache: str) -> None:
@@ -205,7 +206,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             seed = cfg.seed + epoch
             resume_at = cursor if cursor and cursor.seed == seed else None
             stream = reader.stream(rank=rank, world=world, seed=seed, cursor=resume_at)
-            it = batches(stream, cfg.batch_tokens, vocab, cfg.max_length)
+            it = batches(stream, cfg.batch_tokens, vocab, cfg.max_length, reader.info.encoding.sample_temperature)
             epoch_steps = 0
             while step < stop_at:
                 micro = []
