@@ -176,7 +176,7 @@ def summarize(runs: list[dict], cfg: FidelityConfig, caches: dict) -> list[dict]
                 dn = paired([r["nll"] for r in cached], [r["nll"] for r in live])
                 dr = paired([r["rkl"] for r in cached], [r["rkl"] for r in live])
                 gaps = [trajectory_gap(c["log"], l["log"]) for c, l in zip(cached, live)]
-                info = caches[regime][src]
+                info = caches[regime][src] if src in caches[regime] else caches[regime][k]  # by name, or by k
                 rows.append({
                     "regime": regime, "k": k, "source": src, "loss": loss, "adakd": ada, "init": init, "seeds": len(seeds),
                     "kl_live": statistics.fmean(r["kl"] for r in live), "kl_cache": statistics.fmean(r["kl"] for r in cached),
