@@ -382,11 +382,53 @@ def plot(rows: list[dict], cfg: FidelityConfig, path: Path) -> str:
     return save_figure(fig, path)
 
 
+def plot_bytes(rows: list[dict], cfg: FidelityConfig, path: Path) -> str:
+    """With sampled/hybrid caches: each cache's paired difference from live against its bytes per position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, len(cfg.regimes), figsize=(6.5 * len(cfg.regimes), 8), squeeze=False)
+    styles = {"k": ("top-k", "o", "#3366aa"), "s": ("sampled", "s", "#cc5533"), "h": ("hybrid", "^", "#339955")}
+    for j, regime in enumerate(cfg.regimes):
+        for i, (key, label) in enumerate((("d_kl", "held-out KL(teacher || student)"), ("d_nll", "held-out NLL"))):
+            a = ax[i][j]
+            for c, (init, loss, ada) in enumerate(cfg.configurations()):
+                for kind, (name, marker, color) in styles.items():
+                    sel = sorted((r for r in rows if (r["regime"], r["init"], r["loss"], r["adakd"]) == (regime, init, loss, ada)
+                                  and r["source"].startswith(kind)), key=lambda r: r["bytes_per_position"])
+                    if not sel:
+                        continue
+                    err = [[r[key] - (r[f"{key}_ci95"] or [r[key]] * 2)[0] for r in sel],
+                           [(r[f"{key}_ci95"] or [r[key]] * 2)[1] - r[key] for r in sel]]
+                    a.errorbar([r["bytes_per_position"] for r in sel], [r[key] for r in sel], yerr=err, marker=marker,
+                               color=color, ms=5, capsize=3, lw=1, ls="-" if c == 0 else "--",
+                               label=f"{name}, {init} {loss}{' AdaKD' if ada else ''}")
+                    for r in sel:
+                        a.annotate(r["source"], (r["bytes_per_position"], r[key]), fontsize=7, xytext=(3, 3),
+                                   textcoords="offset points")
+            a.axhline(0, color="k", lw=0.8)
+            a.set_xscale("log")
+            a.set(xlabel="cache bytes per trained position", ylabel=f"cache - live: {label} (nats)",
+                  title=f"{regime}: {REGIMES[regime].what}")
+        ax[0][j].legend(fontsize=6, loc="best")
+    fig.suptitle(f"paired differences from the live teacher over {cfg.seeds} seeds, 95% t-intervals")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 BEGIN, END = "<!-- bench.fidelity:begin -->", "<!-- bench.fidelity:end -->"
+SAMPLED_BEGIN, SAMPLED_END = "<!-- bench.fidelity-sampled:begin -->", "<!-- bench.fidelity-sampled:end -->"
 
 
-def write_docs(body: str, path: Path) -> None:
-    replace_block(path, BEGIN, END, body, '## Cache fidelity: top-k caches against the live teacher')
+def write_docs(body: str, path: Path, sampled: bool = False) -> None:
+    """A run with sampled or hybrid caches has its own block (and plot), beside the top-k study's."""
+    if sampled:
+        replace_block(path, SAMPLED_BEGIN, SAMPLED_END, body.replace("img/fidelity.png", "img/fidelity-sampled.png"),
+                      "## Cache fidelity: sampled and hybrid caches against top-k and the live teacher")
+    else:
+        replace_block(path, BEGIN, END, body, '## Cache fidelity: top-k caches against the live teacher')
 
 
 # ---------------------------------------------------------------- main
@@ -489,10 +531,11 @@ def fidelity(cfg: FidelityConfig, command: str, docs: bool = False) -> dict:
         "![fidelity](img/fidelity.png)",
     ])
     (root / "results.md").write_text(body.replace("img/fidelity.png", "fidelity.png") + "\n")
-    plot(rows, cfg, root / "fidelity.png")
+    draw = plot_bytes if cfg.sampled else plot
+    draw(rows, cfg, root / "fidelity.png")
     if docs:
-        plot(rows, cfg, ROOT / "docs" / "img" / "fidelity.png")
-        write_docs(body, ROOT / "docs" / "results.md")
+        draw(rows, cfg, ROOT / "docs" / "img" / ("fidelity-sampled.png" if cfg.sampled else "fidelity.png"))
+        write_docs(body, ROOT / "docs" / "results.md", sampled=bool(cfg.sampled))
     print()
     print(summary)
     print()
