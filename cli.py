@@ -130,6 +130,7 @@ Guide: docs/train-student.md""")
 @click.option("--skew", type=float, default=0.1, show_default=True, help="Skew KL weight.")
 @click.option("--abkd-alpha", type=float, default=0.2, show_default=True, help="abkd: alpha, the power of the teacher's probabilities (>= 0; alpha 1, beta 0 is forward KL).")
 @click.option("--abkd-beta", type=float, default=0.7, show_default=True, help="abkd: beta, the power of the student's probabilities (>= 0; alpha 0, beta 1 is reverse KL).")
+@click.option("--sampled-estimator", type=click.Choice(["auto", "importance", "support"]), default="auto", show_default=True, help="Sampled and hybrid caches: importance (unbiased at T = 1; heavy-tailed for rkl-like losses), support (the stored ids exactly, one bucket for the rest: bounded, biased like top-k), auto (importance for fkl and sfkl, support otherwise).")
 @click.option("--akl-mu", type=float, default=0.5, show_default=True, help="AKL head mass.")
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW; linear warm-up, cosine decay to 10%).")
 @click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay (matrices only; not biases and norms).")
@@ -184,6 +185,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
         loss = LossConfig(
             loss=o["loss"], kd_weight=o["kd_weight"], temperature=o["temperature"], jsd_beta=o["jsd_beta"], skew=o["skew"],
             akl_mu=o["akl_mu"], abkd_alpha=o["abkd_alpha"], abkd_beta=o["abkd_beta"], chunk_positions=o["chunk_positions"],
+            sampled_estimator=o["sampled_estimator"],
             adakd=AdaKDConfig(latf=o["adakd"] and not o["no_latf"], idts=o["adakd"] and not o["no_idts"],
                               temperature_scale=o["temperature_scale"]),
         )
@@ -281,12 +283,18 @@ Example:
   adakd demo --out runs/demo""")
 @click.option("--out", default="runs/demo", show_default=True, help="Directory for everything the demo makes.")
 @click.option("--fast", is_flag=True, help="A tiny variant (seconds, for tests): the numbers mean nothing.")
-@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="Teacher engine for the demo's cache-teacher run (auto: vLLM when installed).")
-def demo(out: str, fast: bool, engine: str) -> None:
-    """The whole pipeline offline on a built-in task: teacher, cache, 3 students, accuracy table and plot."""
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="hf", show_default=True, help="Teacher engine for the demo's cache-teacher runs (hf: they are tiny, and a vLLM start per cache would cost more than the caches).")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds (transfer sets and data orders) per student method.")
+def demo(out: str, fast: bool, engine: str, seeds: int) -> None:
+    """The whole pipeline offline on a built-in task where the truth is known: a teacher, its caches, students
+    trained by CE, forward/reverse KL and AdaKD over each, scored against the true answer distributions."""
     import demo as demo_mod
 
-    cfg = demo_mod.DemoConfig.fast(out) if fast else demo_mod.DemoConfig(out=out, engine=engine)
+    if seeds < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--seeds")
+    cfg = demo_mod.DemoConfig.fast(out) if fast else demo_mod.DemoConfig(out=out, engine=engine, seeds=seeds)
+    if fast:
+        cfg.engine = engine
     demo_mod.demo(cfg)
 
 

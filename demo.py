@@ -1,11 +1,21 @@
-"""`adakd demo`: the whole pipeline, offline, on a built-in task whose answers can be checked.
+"""`adakd demo`: the whole pipeline, offline, on a built-in task where what distillation transfers is checkable.
 
-1. Generate instruction/response items: 2-digit addition, reversing and sorting short strings.
-2. Train a character-level teacher on them (here, in-process; a plain loop).
-3. `cache-teacher` over the training items, exactly as users run it (vLLM when installed, else hf).
-4. `train-student` three times from that one cache: cross-entropy only, forward KL, AdaKD over forward KL
-   (students start from random weights; reverse KL, mode-seeking, learns far slower from scratch here).
-5. Exact-match accuracy of every model on held-out items (greedy generation), a table and a plot.
+The task mixes prompts whose correct answers form a known distribution ("name an animal with b": bear 40%,
+bird 30%, bee 20%, bat 10%; "an even number from 20 to 30": six answers, each 1/6) with deterministic items
+(2-digit addition, reversing and sorting short strings). Because the truth is known, every model is scored
+exactly: the probability it gives to valid answers, the distance of its answer distribution from the
+truth, and greedy exact match on held-out deterministic items.
+
+1. A teacher is trained in-process on plenty of samples (each prompt seen many times, one sampled answer
+   each time), so it learns the answer distributions.
+2. A student start: one short cross-entropy pre-training on deterministic items of the same families, shared
+   by every student (as in the AdaKD paper, students start pretrained).
+3. Per seed, a small transfer set: each distributional prompt a couple of times with one sampled answer (what
+   cross-entropy learns from) and some deterministic items; `cache-teacher` stores the teacher's distribution
+   on it (what KD learns from): a top-16 cache and a sampled cache (64 draws per position).
+4. `train-student` from that start: CE only, forward KL, reverse KL, AdaKD over each, and forward KL from the
+   sampled cache; 2 at a time.
+5. The table (mean and spread over seeds), a plot, and as the last line one JSON object with every figure.
 
 Everything lands in one directory (default `runs/demo`). Nothing is downloaded; nothing from ../shared.
 """
@@ -13,47 +23,81 @@ Everything lands in one directory (default `runs/demo`). Nothing is downloaded; 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 TEMPLATE = "Q: {instruction}\nA: "
 
+# name a <category> with <letter>: answers with their probabilities (weights out of 100)
+LEXICON = {
+    "animal": {"b": "bear 40 bird 30 bee 20 bat 10", "c": "cat 45 cow 25 crab 20 camel 10",
+               "d": "dog 50 duck 25 deer 15 dove 10", "f": "fox 40 frog 30 fish 20 fly 10",
+               "g": "goat 40 goose 30 gull 20 gnu 10", "h": "horse 40 hen 30 hawk 20 hare 10"},
+    "fruit": {"a": "apple 50 apricot 30 avocado 20", "b": "banana 50 berry 30 blueberry 20",
+              "c": "cherry 45 coconut 30 cranberry 25", "g": "grape 60 guava 25 gooseberry 15",
+              "l": "lemon 50 lime 35 lychee 15", "p": "pear 40 peach 30 plum 20 papaya 10"},
+    "color": {"b": "blue 50 black 30 brown 20", "g": "green 60 gray 30 gold 10", "p": "pink 45 purple 40 peach 15",
+              "r": "red 70 rose 20 ruby 10", "s": "silver 50 sand 30 sky 20", "t": "tan 50 teal 35 taupe 15"},
+}
+NUMBER_RANGES = ((10, 20), (20, 30), (30, 40), (40, 50), (50, 60), (60, 70), (12, 24), (36, 48))
+
+
+def distributions() -> dict[str, dict[str, float]]:
+    """Every distributional prompt (its instruction) and the true probability of each valid answer."""
+    out: dict[str, dict[str, float]] = {}
+    for category, letters in LEXICON.items():
+        for letter, spec in letters.items():
+            words = spec.split()
+            weights = {w: int(n) for w, n in zip(words[::2], words[1::2])}
+            total = sum(weights.values())
+            out[f"name a {category} with {letter}"] = {w: n / total for w, n in weights.items()}
+    for lo, hi in NUMBER_RANGES:
+        evens = [str(x) for x in range(lo, hi + 1) if x % 2 == 0]
+        out[f"an even number from {lo} to {hi}"] = {x: 1 / len(evens) for x in evens}
+    return out
+
+
+def deterministic_item(rng: random.Random) -> dict:
+    kind = rng.choice(("add", "reverse", "sort"))
+    if kind == "add":
+        a, b = rng.randint(10, 49), rng.randint(10, 49)
+        return {"instruction": f"add {a} {b}", "output": str(a + b)}
+    s = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 5)))
+    return {"instruction": f"{kind} {s}", "output": s[::-1] if kind == "reverse" else "".join(sorted(s))}
+
+
+def sample_answer(dist: dict[str, float], rng: random.Random) -> str:
+    return rng.choices(list(dist), weights=list(dist.values()))[0]
+
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    train_items: int = 4000
-    test_items: int = 200
-    teacher_steps: int = 1500
-    student_steps: int = 400
-    seed: int = 0
-    engine: str = "auto"
+    seeds: int = 3
+    teacher_steps: int = 1200
+    pretrain_steps: int = 300
+    student_steps: int = 150
+    transfer_repeats: int = 2  # each distributional prompt, with one sampled answer each time
+    transfer_deterministic: int = 200
+    test_items: int = 100
+    samples: int = 64  # draws per position of the sampled cache
+    engine: str = "hf"
+    jobs: int = 2
 
     @classmethod
     def fast(cls, out: str) -> "DemoConfig":
-        return cls(out=out, train_items=300, test_items=24, teacher_steps=60, student_steps=12, engine="hf")
-
-
-def make_items(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    letters = "abcdefgh"
-    items = []
-    for _ in range(n):
-        kind = rng.choice(("add", "reverse", "sort"))
-        if kind == "add":
-            a, b = rng.randint(10, 49), rng.randint(10, 49)
-            items.append({"instruction": f"add {a} {b}", "output": str(a + b)})
-        else:
-            s = "".join(rng.choice(letters) for _ in range(rng.randint(3, 5)))
-            items.append({"instruction": f"{kind} {s}", "output": s[::-1] if kind == "reverse" else "".join(sorted(s))})
-    return items
+        return cls(out=out, seeds=2, teacher_steps=40, pretrain_steps=10, student_steps=6, transfer_deterministic=20,
+                   test_items=12, samples=16)
 
 
 def build_tokenizer(path: Path):
@@ -80,48 +124,121 @@ def model_config(vocab: int, hidden: int, layers: int, tok) -> dict:
     }
 
 
-def train_teacher(items: list[dict], tok, out: Path, steps: int, seed: int, log) -> None:
-    """Plain cross-entropy on the responses: the teacher the students will learn from."""
+def encode(tok, item: dict) -> tuple[list[int], list[int]]:
+    """(token ids, labels): the prompt unlabelled, the response and EOS labelled, as cache-teacher renders it."""
+    p = tok(TEMPLATE.format(instruction=item["instruction"]))["input_ids"]
+    r = tok(item["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p + r, [-100] * len(p) + r
+
+
+def train_lm(config: dict, tok, draw, steps: int, seed: int, out: Path, log, what: str, lr: float = 3e-3) -> None:
+    """Plain cross-entropy on responses, a fresh batch of 64 items from `draw(rng)` each step (a plain loop)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**model_config(len(tok), 128, 4, tok)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    seqs = []
-    for it in items:
-        p = tok(TEMPLATE.format(instruction=it["instruction"]))["input_ids"]
-        r = tok(it["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append((p + r, [-100] * len(p) + r))
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
-        batch = rng.sample(seqs, 64)
+        batch = [encode(tok, draw(rng)) for _ in range(64)]
         T = max(len(s) for s, _ in batch)
         ids = torch.full((len(batch), T), tok.pad_token_id)
         labels = torch.full((len(batch), T), -100)
         for i, (s, lab) in enumerate(batch):
             ids[i, : len(s)] = torch.tensor(s)
             labels[i, : len(s)] = torch.tensor(lab)
-        lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"  teacher step {step + 1}/{steps}: loss {loss.item():.3f}")
+        if step % 200 == 0 or step == steps - 1:
+            log(f"  {what} step {step + 1}/{steps}: loss {loss.item():.3f}")
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
 
 
-def accuracy(model_dir: Path, test_file: Path, out_file: Path) -> float:
+def teacher_draw(truth: dict[str, dict[str, float]]):
+    prompts = sorted(truth)
+
+    def draw(rng: random.Random) -> dict:
+        if rng.random() < 0.5:
+            p = rng.choice(prompts)
+            return {"instruction": p, "output": sample_answer(truth[p], rng)}
+        return deterministic_item(rng)
+
+    return draw
+
+
+def transfer_set(truth: dict[str, dict[str, float]], cfg: DemoConfig, seed: int) -> list[dict]:
+    rng = random.Random(1000 + seed)
+    items = [{"instruction": p, "output": sample_answer(d, rng)} for p, d in sorted(truth.items())
+             for _ in range(cfg.transfer_repeats)]
+    items += [deterministic_item(rng) for _ in range(cfg.transfer_deterministic)]
+    rng.shuffle(items)
+    return items
+
+
+METHODS = {  # name -> (cache, train-student options)
+    "CE only": ("topk", ["--kd-weight", "0", "--no-adakd"]),
+    "forward KL": ("topk", ["--loss", "fkl", "--no-adakd"]),
+    "AdaKD over forward KL": ("topk", ["--loss", "fkl", "--adakd"]),
+    "reverse KL": ("topk", ["--loss", "rkl", "--no-adakd"]),
+    "AdaKD over reverse KL": ("topk", ["--loss", "rkl", "--adakd"]),
+    "forward KL, sampled cache": ("sampled", ["--loss", "fkl", "--no-adakd"]),
+}
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "-").replace(",", "")
+
+
+@dataclass
+class Scores:
+    valid: float  # mean over distributional prompts of the probability of a valid answer
+    distance: float  # mean total-variation distance of the answer distribution from the truth
+    exact_match: float  # greedy, held-out deterministic items
+
+
+def answer_scores(model_dir: Path, tok, truth: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """Exact, no sampling: the model's probability of every valid answer (its characters, then EOS)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [(p, a, *encode(tok, {"instruction": p, "output": a})) for p, d in sorted(truth.items()) for a in d]
+    T = max(len(ids) for *_, ids, _ in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    labels = torch.full((len(rows), T), -100)
+    for i, (*_, s, lab) in enumerate(rows):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s)] = torch.tensor(lab)
+    with torch.no_grad():
+        lp = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits.log_softmax(-1)
+    target = labels[:, 1:]
+    token_lp = lp[:, :-1].gather(-1, target.clamp_min(0).unsqueeze(-1))[..., 0] * (target >= 0)
+    prob = token_lp.sum(-1).exp().tolist()
+    by_prompt: dict[str, dict[str, float]] = {}
+    for (p, a, *_), q in zip(rows, prob):
+        by_prompt.setdefault(p, {})[a] = q
+    valid = [sum(q.values()) for q in by_prompt.values()]
+    tv = [0.5 * (sum(abs(q[a] - truth[p][a]) for a in q) + (1 - sum(q.values()))) for p, q in by_prompt.items()]
+    return statistics.fmean(valid), statistics.fmean(tv)
+
+
+def exact_match(model_dir: Path, test_file: Path, out_file: Path) -> float:
     from trainer.evaluate import evaluate_generation
 
-    r = evaluate_generation(str(model_dir), str(test_file), str(out_file), max_new_tokens=8, batch_size=64)
-    return r["exact_match"]
+    return evaluate_generation(str(model_dir), str(test_file), str(out_file), max_new_tokens=8, batch_size=64)["exact_match"]
+
+
+def score(model_dir: Path, tok, truth, test_file: Path, out_file: Path) -> Scores:
+    valid, distance = answer_scores(model_dir, tok, truth)
+    return Scores(valid, distance, exact_match(model_dir, test_file, out_file))
 
 
 def bin_(name: str) -> str:
@@ -141,6 +258,18 @@ def run(cmd: list[str], log, threads: int | None = None) -> str:
     return r.stdout
 
 
+WHAT = {  # one sentence per row: what it shows
+    "teacher": "trained on many samples per prompt: it knows the answer distributions (the target)",
+    "student start": "the shared pre-trained start: the format and the deterministic families, no answer sets",
+    "CE only": "one sampled answer per prompt copy: it learns those answers, not the distribution",
+    "forward KL": "the teacher's distribution at every answer position: mass spread like the truth",
+    "AdaKD over forward KL": "forward KL on the hardest positions at per-token temperatures",
+    "reverse KL": "mode-seeking: valid answers, but the spread narrows toward the likeliest",
+    "AdaKD over reverse KL": "reverse KL on the hardest positions at per-token temperatures",
+    "forward KL, sampled cache": "64 teacher draws per position instead of the top-16: an unbiased target",
+}
+
+
 def demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     if out.exists():
@@ -153,65 +282,134 @@ def demo(cfg: DemoConfig) -> dict:
         lines.append(msg)
 
     t0 = time.time()
-    items = make_items(cfg.train_items + cfg.test_items, cfg.seed)
-    train, test = items[: cfg.train_items], items[cfg.train_items:]
-    seen = {i["instruction"] for i in train}
-    test = [t for t in test if t["instruction"] not in seen] or test
-    write = lambda p, rows: p.write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
-    write(out / "data" / "train.jsonl", train)
-    write(out / "data" / "test.jsonl", [{"prompt": TEMPLATE.format(instruction=t["instruction"]), "output": t["output"]}
-                                        for t in test])
-    log(f"[1/5] task: {len(train)} training and {len(test)} held-out items (addition, reverse, sort)")
+    truth = distributions()
+    rng = random.Random(7)
+    test = []
+    while len(test) < cfg.test_items:
+        item = deterministic_item(rng)
+        test.append({"prompt": TEMPLATE.format(instruction=item["instruction"]), "output": item["output"]})
+    test_file = out / "data" / "test.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in test))
+    (out / "data" / "truth.json").write_text(json.dumps(truth, indent=1))
+    log(f"[1/5] task: {len(truth)} prompts with known answer distributions, deterministic items (addition, "
+        f"reverse, sort), {len(test)} held-out deterministic items")
     tok = build_tokenizer(out / "tokenizer")
-    log(f"[2/5] training the teacher (Llama, hidden 128 x 4 layers, {cfg.teacher_steps} steps)")
-    train_teacher(train, tok, out / "teacher", cfg.teacher_steps, cfg.seed, log)
-    student_cfg = out / "student.json"
-    student_cfg.write_text(json.dumps(model_config(len(tok), 64, 2, tok)))
-    log("[3/5] cache-teacher")
-    run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(out / "data" / "train.jsonl"),
-         "--out", str(out / "cache"), "--top-k", "16", "--engine", cfg.engine, "--prompt-template", TEMPLATE,
-         "--no-progress"], log)
-    students = {"CE only (SFT)": ["--kd-weight", "0", "--no-adakd"], "forward KL": ["--loss", "fkl", "--no-adakd"],
-                "AdaKD over forward KL": ["--loss", "fkl", "--adakd"]}
-    dirs = {name: out / "students" / name.split()[0].lower() for name in students}
-    log("[4/5] train-student x 3 from the one cache")
-    for name, extra in students.items():
-        d = dirs[name]
-        run([bin_("train-student"), "--cache", str(out / "cache"), "--student", str(student_cfg), "--out", str(d),
-             "--max-steps", str(cfg.student_steps), "--batch-tokens", "2048", "--lr", "3e-3", "--seed", str(cfg.seed),
-             "--no-progress", *extra], log)
-    log("[5/5] held-out exact-match accuracy (greedy)")
-    acc = {"teacher (hidden 128 x 4)": accuracy(out / "teacher", out / "data" / "test.jsonl", out / "teacher_generations.jsonl")}
-    for name, d in dirs.items():
-        acc[f"student: {name}"] = accuracy(d / "final", out / "data" / "test.jsonl", d / "generations.jsonl")
-    table = ["| model | accuracy |", "| --- | --- |"] + [f"| {k} | {v:.1%} |" for k, v in acc.items()]
+    log(f"[2/5] the teacher (Llama, hidden 128 x 4 layers, {cfg.teacher_steps} steps of 64 sampled items) and the "
+        f"student start (hidden 64 x 2, {cfg.pretrain_steps} steps on deterministic items)")
+    train_lm(model_config(len(tok), 128, 4, tok), tok, teacher_draw(truth), cfg.teacher_steps, 0, out / "teacher", log,
+             "teacher")
+    train_lm(model_config(len(tok), 64, 2, tok), tok, deterministic_item, cfg.pretrain_steps, 1, out / "student-start",
+             log, "student start")
+    jobs = ThreadPoolExecutor(cfg.jobs)
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    log(f"[3/5] per seed: a transfer set ({len(truth) * cfg.transfer_repeats} distributional + "
+        f"{cfg.transfer_deterministic} deterministic items) and cache-teacher on it: top-16 and sampled (N = {cfg.samples})")
+
+    def caches(seed: int) -> None:
+        d = out / f"seed{seed}"
+        d.mkdir()
+        (d / "transfer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in transfer_set(truth, cfg, seed)))
+        for kind, extra in (("topk", ["--top-k", "16"]), ("sampled", ["--targets", "sampled", "--samples", str(cfg.samples)])):
+            run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(d / "transfer.jsonl"), "--out",
+                 str(d / f"cache-{kind}"), "--engine", cfg.engine, "--prompt-template", TEMPLATE, "--no-progress", *extra],
+                log, threads)
+
+    list(jobs.map(caches, range(cfg.seeds)))
+    log(f"[4/5] train-student x {len(METHODS) * cfg.seeds} ({len(METHODS)} methods x {cfg.seeds} seeds, "
+        f"{cfg.student_steps} steps each, from the student start; {cfg.jobs} at a time)")
+
+    def student(task: tuple[int, str]) -> None:
+        seed, name = task
+        kind, extra = METHODS[name]
+        d = out / f"seed{seed}"
+        run([bin_("train-student"), "--cache", str(d / f"cache-{kind}"), "--student", str(out / "student-start"),
+             "--out", str(d / slug(name)), "--max-steps", str(cfg.student_steps), "--batch-tokens", "1024", "--lr",
+             "2e-3", "--seed", str(seed), "--no-progress", *extra], log, threads)
+
+    list(jobs.map(student, [(s, m) for s in range(cfg.seeds) for m in METHODS]))
+    jobs.shutdown()
+    log("[5/5] scoring: exact answer distributions against the truth, greedy exact match on held-out items")
+    results: dict[str, list[Scores]] = {
+        "teacher": [score(out / "teacher", tok, truth, test_file, out / "teacher_generations.jsonl")],
+        "student start": [score(out / "student-start", tok, truth, test_file, out / "start_generations.jsonl")],
+    }
+    for name in METHODS:
+        results[name] = [score(out / f"seed{s}" / slug(name) / "final", tok, truth, test_file,
+                               out / f"seed{s}" / slug(name) / "generations.jsonl") for s in range(cfg.seeds)]
+    summary = {name: _summary(rows) for name, rows in results.items()}
+    table = _table(summary, cfg)
     for row in table:
         log(row)
-    _plot(acc, out, dirs)
+    verdict = _verdict(summary)
+    log(verdict)
+    _plot(summary, out, cfg)
     elapsed = time.time() - t0
-    log(f"done in {elapsed:.0f} s; everything is in {out}/ (results.md, demo.png, cache/, students/)")
-    (out / "results.md").write_text("# adakd demo\n\n" + "\n".join(table) + f"\n\nWall time {elapsed:.0f} s.\n")
-    return {"accuracy": acc, "seconds": elapsed}
+    log(f"done in {elapsed:.0f} s; everything is in {out}/ (results.md, demo.png, caches and students per seed)")
+    (out / "results.md").write_text("# adakd demo\n\n" + "\n".join(table) + f"\n\n{verdict}\n\nWall time {elapsed:.0f} s.\n")
+    figures = {"bench": "demo", "seeds": cfg.seeds, "seconds": round(elapsed, 1), "rows": summary,
+               "kd_beats_ce": verdict.startswith("KD beats")}
+    print(json.dumps(figures), flush=True)
+    return figures
 
 
-def _plot(acc: dict, out: Path, dirs: dict[str, Path]) -> None:
+def _summary(rows: list[Scores]) -> dict:
+    out = {}
+    for key in ("valid", "distance", "exact_match"):
+        xs = [getattr(r, key) for r in rows]
+        out[key] = {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "seeds": xs}
+    return out
+
+
+def _cell(s: dict, pct: bool) -> str:
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(s['mean'])} ± {f(s['sd'])}" if s["sd"] else f(s["mean"])
+
+
+def _table(summary: dict, cfg: DemoConfig) -> list[str]:
+    rows = [f"| model | valid answers (%) | distance to the true answer distribution (TV, 0 = exact) | "
+            f"exact match, deterministic items (%) | what it shows |", "| --- | --- | --- | --- | --- |"]
+    for name, s in summary.items():
+        rows.append(f"| {name} | {_cell(s['valid'], True)} | {_cell(s['distance'], False)} | "
+                    f"{_cell(s['exact_match'], True)} | {WHAT[name]} |")
+    rows.append(f"\nStudents: mean ± standard deviation over {cfg.seeds} seeds (each seed its own transfer set and "
+                "data order).")
+    return rows
+
+
+def _verdict(summary: dict) -> str:
+    """Does every KD student beat CE only beyond the seed spread on the distance to the truth?"""
+    ce = summary["CE only"]["distance"]
+    kd = {n: s["distance"] for n, s in summary.items() if n not in ("teacher", "student start", "CE only")}
+    beats = {n: d["mean"] + d["sd"] < ce["mean"] - ce["sd"] for n, d in kd.items()}
+    better = [n for n, b in beats.items() if b]
+    head = "KD beats CE only" if better else "KD does not beat CE only"
+    return (f"{head} beyond the seed spread on the distance to the truth: {len(better)}/{len(beats)} KD students "
+            f"(CE only {ce['mean']:.3f} ± {ce['sd']:.3f}; " +
+            ", ".join(f"{n} {d['mean']:.3f}" for n, d in kd.items()) + ").")
+
+
+def _plot(summary: dict, out: Path, cfg: DemoConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
-    bars = ax[0].barh(list(acc), [v * 100 for v in acc.values()], color=["#444"] + ["#3366aa"] * (len(acc) - 1))
-    ax[0].bar_label(bars, fmt="%.1f%%", padding=3)
-    ax[0].set(xlabel="held-out exact match (%)", title="accuracy", xlim=(0, 110))
-    for name, d in dirs.items():  # CE and KD are different quantities: one axis each
-        rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
-        panel, key = (ax[1], "ce") if "CE" in name else (ax[2], "kd")
-        panel.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
-    ax[1].set(xlabel="optimizer step", ylabel="cross-entropy of the true tokens (nats)", title="CE-only student", yscale="log")
-    ax[2].set(xlabel="optimizer step", ylabel="KD loss, mean T² · D (nats)", title="KD students", yscale="log")
-    ax[2].legend()
-    fig.suptitle(f"adakd demo: {out}")
+    names = list(summary)
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.6))
+    panels = (("valid", "valid answers (%)", 100), ("distance", "TV distance to the true answer distribution", 1),
+              ("exact_match", "exact match, deterministic items (%)", 100))
+    colors = ["#444", "#999"] + ["#aa5533"] + ["#3366aa"] * (len(names) - 3)
+    for a, (key, label, scale) in zip(ax, panels):
+        means = [summary[n][key]["mean"] * scale for n in names]
+        sds = [summary[n][key]["sd"] * scale for n in names]
+        a.barh(names, means, xerr=sds, color=colors, capsize=3)
+        for i, n in enumerate(names):
+            for x in summary[n][key]["seeds"]:
+                a.plot(x * scale, i, "k.", ms=3)
+        a.set(xlabel=label)
+        a.invert_yaxis()
+    ax[1].set_title("lower is better")
+    fig.suptitle(f"adakd demo: what distillation transfers ({cfg.seeds} seeds; bars: mean, whiskers: sd, dots: seeds)")
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=100)
     plt.close(fig)

@@ -107,9 +107,9 @@ def estimates(name: str, t: Targets, z_rows: torch.Tensor, T: float):
     return d.detach(), g
 
 
-def no_adakd(name: str, T: float = 1.0, a: float = 1.0, chunk: int = 4096) -> LossConfig:
+def no_adakd(name: str, T: float = 1.0, a: float = 1.0, chunk: int = 4096, estimator: str = "importance") -> LossConfig:
     return LossConfig(loss=name, kd_weight=a, temperature=T, adakd=AdaKDConfig(latf=False, idts=False),
-                      chunk_positions=chunk)
+                      chunk_positions=chunk, sampled_estimator=estimator)
 
 
 def kd_hidden_grads(name: str, t: Targets, hidden_rows, weight, T: float):
@@ -254,7 +254,7 @@ def test_hybrid_with_k_equal_to_the_vocabulary_is_dense(name, temp):
         (0.3 * torch.nn.functional.cross_entropy(z2, t.labels) + 0.7 * (temp ** 2 * dd).mean()).backward()
         torch.testing.assert_close(h1.grad, h2.grad)
         torch.testing.assert_close(w1.grad, w2.grad)
-    torch.testing.assert_close(difficulties(hidden, OutputHead(weight), t, 4),
+    torch.testing.assert_close(difficulties(hidden, OutputHead(weight), t, 4, importance=True),
                                hellinger(teacher.log_softmax(-1), z.log_softmax(-1)))
 
 
@@ -282,8 +282,8 @@ def test_padded_rows_give_each_position_its_own_loss(name, kind):
             torch.testing.assert_close(d[p:p + 1], d1, rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(g[p:p + 1], g1, rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(gh[p:p + 1], gh1, rtol=1e-6, atol=1e-9)
-    s = difficulties(hidden, OutputHead(weight), together, 2)
-    torch.testing.assert_close(s, torch.cat([difficulties(hidden[p:p + 1], OutputHead(weight), a, 2)
+    s = difficulties(hidden, OutputHead(weight), together, 2, importance=True)
+    torch.testing.assert_close(s, torch.cat([difficulties(hidden[p:p + 1], OutputHead(weight), a, 2, importance=True)
                                              for p, a in enumerate(alone)]))
 
 
@@ -303,14 +303,15 @@ def test_adakd_on_weighted_targets_converges_to_dense(name, kind):
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()  # selection, temperatures constant
     z2, Tc = h2 @ w2.t(), T.unsqueeze(-1)
     (T ** 2 * dense_div(name, (lp[sel] / Tc).log_softmax(-1), (z2[sel] / Tc).log_softmax(-1))).mean().backward()
-    cfg = LossConfig(loss=name, temperature=1.0, adakd=AdaKDConfig(latf=True, idts=True, temperature_scale=0.5))
+    cfg = LossConfig(loss=name, temperature=1.0, adakd=AdaKDConfig(latf=True, idts=True, temperature_scale=0.5),
+                     sampled_estimator="importance")
     dense_grad = torch.cat([h2.grad.flatten(), w2.grad.flatten()])
     errs = {}
     for N in (64, 4096):
         ss, losses, grads = [], [], []
         for r in range(R):
             t = weighted_targets(draw(lp, kind, N, seed=1000 * r + N))
-            ss.append(difficulties(hidden, OutputHead(weight), t, 3))
+            ss.append(difficulties(hidden, OutputHead(weight), t, 3, importance=True))
             h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             out = kd_loss(h1, w1, t, cfg, LATFState(ratio=0.5))
             out.loss.backward()
@@ -397,3 +398,75 @@ def test_eval_kl_is_the_weighted_forward_kl_estimate(kind):
     dense = dense_div("fkl", lp, z.log_softmax(-1))
     assert ((kl - dense).abs() < 0.05 * dense + 0.01).all(), (kl, dense)
     assert torch.equal(t.topk_ids[:, 0], lp.argmax(-1))  # agreement is against the most likely drawn/head id
+
+
+# ---- the stored support's buckets (`--sampled-estimator support`, auto for all but fkl/sfkl) ------------------------
+
+def as_topk(t: Targets, row: int) -> Targets:
+    """One row of weighted targets as a top-k target over exactly its stored ids, the rest of the teacher's mass
+    as the tail: what the support estimator must compute."""
+    keep = t.weights[row] > 0
+    ids, lp = t.topk_ids[row][keep], t.topk_logprobs[row][keep].double()
+    rest = torch.log((1 - lp.exp().sum()).clamp_min(1e-300)).reshape(1)
+    return Targets(ids[None], lp[None], rest, t.labels[row:row + 1], t.vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["sampled", "hybrid"])
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_support_estimator_is_the_top_k_computation_on_the_stored_ids(name, kind, T):
+    hidden, weight, lp = problem()
+    t = as64(weighted_targets(draw(lp, kind, 24, seed=3)))
+    for row in range(hidden.shape[0]):
+        one = t.index(torch.tensor([row]))
+        one = Targets(one.topk_ids[:, : int((one.weights > 0).sum())], one.topk_logprobs[:, : int((one.weights > 0).sum())],
+                      one.tail_logmass, one.labels, one.vocab_size, one.weights[:, : int((one.weights > 0).sum())])
+        h1 = hidden[row:row + 1].clone().requires_grad_(True)
+        a = kd_loss(h1, weight, one, no_adakd(name, T, estimator="support"))
+        a.loss.backward()
+        h2 = hidden[row:row + 1].clone().requires_grad_(True)
+        b = kd_loss(h2, weight, as_topk(t, row), no_adakd(name, T))
+        b.loss.backward()
+        torch.testing.assert_close(a.loss, b.loss)
+        torch.testing.assert_close(h1.grad, h2.grad)
+
+
+@pytest.mark.parametrize("kind", ["sampled", "hybrid"])
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_support_estimator_padding_changes_nothing(name, kind):
+    """Rows with different numbers of stored ids, batched (padded), give each row's own loss and gradient."""
+    hidden, weight, lp = problem()
+    seq = draw(lp, kind, 24, seed=5, sizes_n=[4, 24, 64, 24])
+    t = as64(weighted_targets(seq))
+    assert (t.weights == 0).any()  # there is padding
+    h = hidden.clone().requires_grad_(True)
+    together = kd_loss(h, weight, t, no_adakd(name, estimator="support"))
+    (together.loss * len(h)).backward()
+    for row in range(len(h)):
+        hr = hidden[row:row + 1].clone().requires_grad_(True)
+        alone = kd_loss(hr, weight, as_topk(t, row), no_adakd(name))
+        alone.loss.backward()
+        torch.testing.assert_close(h.grad[row:row + 1], hr.grad)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_support_estimator_converges_as_the_draws_cover_the_vocabulary(name):
+    """Biased like a top-k cache (the unstored mass is one bucket), but the bucket empties as N grows."""
+    hidden, weight, lp = problem()
+    z = hidden @ weight.t()
+    dense, _ = dense_loss_and_grad(name, lp, z, 1.0)
+    errors = []
+    for N in (16, 16384):
+        t = as64(weighted_targets(draw(lp, "sampled", N, seed=N)))
+        out = kd_loss(hidden, weight, t, no_adakd(name, estimator="support"))
+        errors.append(abs(out.loss.item() - dense.mean().item()))
+    assert errors[1] < errors[0] and errors[1] < 0.02 * max(dense.mean().item(), 1e-3) + 1e-4, errors
+
+
+def test_auto_estimator_is_importance_for_fkl_and_sfkl_only():
+    chosen = {name: LossConfig(loss=name).importance for name in DIVERGENCES}
+    assert chosen == {name: name in ("fkl", "sfkl") for name in DIVERGENCES}
+    assert LossConfig(loss="rkl", sampled_estimator="importance").importance
+    assert not LossConfig(loss="fkl", sampled_estimator="support").importance
+    with pytest.raises(ValueError, match="--sampled-estimator must be one of"):
+        LossConfig(sampled_estimator="exact")

@@ -26,7 +26,10 @@ import torch
 
 from .adakd import AdaKDConfig, LATFState, idts_temperatures, select
 from .head import OutputHead
-from .losses import NEG_INF, divergence, hellinger, teacher_buckets, weighted_teacher
+from .losses import IMPORTANCE_WEIGHTED, NEG_INF, divergence, hellinger, support_buckets, teacher_buckets, weighted_teacher
+
+
+SAMPLED_ESTIMATORS = ("auto", "importance", "support")
 
 
 @dataclass
@@ -41,9 +44,12 @@ class LossConfig:
     abkd_beta: float = 0.7
     adakd: AdaKDConfig = field(default_factory=AdaKDConfig)
     chunk_positions: int = 1024  # memory: chunk x vocabulary float32 (x2 while CE and KD mix)
+    sampled_estimator: str = "auto"  # sampled/hybrid caches: importance | support | auto (see `importance`)
 
     def __post_init__(self) -> None:
         divergence(self.loss)  # refuses unknown names early
+        if self.sampled_estimator not in SAMPLED_ESTIMATORS:
+            raise ValueError(f"--sampled-estimator must be one of {', '.join(SAMPLED_ESTIMATORS)}, not {self.sampled_estimator!r}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"--kd-weight must be within [0, 1], not {self.kd_weight}")
         if self.temperature <= 0:
@@ -54,6 +60,12 @@ class LossConfig:
         for option, value in (("--abkd-alpha", self.abkd_alpha), ("--abkd-beta", self.abkd_beta)):
             if not (math.isfinite(value) and value >= 0):  # negative powers of near-zero probabilities overflow
                 raise ValueError(f"{option} must be a finite number >= 0, not {value}")
+
+    @property
+    def importance(self) -> bool:
+        """On sampled and hybrid caches, the importance-weighted estimate (else: the stored support's buckets).
+        auto: importance for the divergences whose weighted terms stay bounded (IMPORTANCE_WEIGHTED)."""
+        return self.sampled_estimator == "importance" or (self.sampled_estimator == "auto" and self.loss in IMPORTANCE_WEIGHTED)
 
     def divergence_kwargs(self) -> dict:
         return {"jsd_beta": self.jsd_beta, "skew": self.skew, "akl_mu": self.akl_mu,
@@ -116,7 +128,7 @@ def _student_stats(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor, ids: 
 
 @torch.no_grad()
 def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 128,
-                            row_max: list | None = None) -> torch.Tensor:
+                            row_max: list | None = None, importance: bool = False) -> torch.Tensor:
     """Hellinger on the buckets at T = 1. z is left unchanged (it may be reused for the loss); the
     scratch buffer covers `rows` positions at a time, so reuse costs little memory. The row maxima are
     appended to `row_max` for the loss pass (max(z / T) = max(z) / T)."""
@@ -128,24 +140,27 @@ def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 
         if row_max is not None:
             row_max.append(m)
         e = (zz - m).exp_()
-        if t.weights is not None:
+        if t.weights is not None and importance:  # Bhattacharyya coefficient by importance weights
             w = t.weights[sub]
             lq, _ = _student_support(e, zz.gather(-1, t.topk_ids[sub]), m)
             out.append(hellinger(weighted_teacher(t.topk_logprobs[sub], w), lq, w))
             continue
         lq, *_ = _student_stats(e, zz.gather(-1, t.topk_ids[sub]), m, t.topk_ids[sub])
-        lp = teacher_buckets(t.topk_logprobs[sub], t.tail_logmass[sub], t.vocab_size)
+        if t.weights is not None:  # the stored support's buckets: bounded, like a top-k cache's
+            lq, lp = _support_student(lq, t.weights[sub]), support_buckets(t.topk_logprobs[sub], t.weights[sub], t.vocab_size)
+        else:
+            lp = teacher_buckets(t.topk_logprobs[sub], t.tail_logmass[sub], t.vocab_size)
         out.append(hellinger(lp, lq))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def difficulties(hidden: torch.Tensor, head: OutputHead, t: Targets, chunk: int) -> torch.Tensor:
+def difficulties(hidden: torch.Tensor, head: OutputHead, t: Targets, chunk: int, importance: bool = False) -> torch.Tensor:
     """Hellinger distance between teacher and student on the coarse support, at temperature 1."""
     out = []
     for c in range(0, hidden.shape[0], chunk):
         sl = slice(c, c + chunk)
-        out.append(_difficulty_from_logits(head.logits(hidden[sl]), t, sl))
+        out.append(_difficulty_from_logits(head.logits(hidden[sl]), t, sl, importance=importance))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -178,10 +193,14 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     zt_ids = zt.gather(-1, ids)
     m = row_max / Tc if row_max is not None else zt.max(-1, keepdim=True).values
     e = zt.sub_(m).exp_()
-    if t.weights is not None:
+    if t.weights is not None and cfg.importance:
         return _weighted_kd(e, zt_ids, m, t, sl, T, Tc, w_kd, cfg, g_ce, total, ce_sum)
     lq, s, r, e_ids = _student_stats(e, zt_ids, m, ids)
-    lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
+    if t.weights is not None:  # the other divergences: exact on the stored support, one bucket for the rest
+        lq = _support_student(lq, t.weights[sl])
+        lp = support_buckets(t.topk_logprobs[sl], t.weights[sl], t.vocab_size, T)
+    else:
+        lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
     with torch.enable_grad():
         lq_leaf = lq.detach().requires_grad_(True)
         d = divergence(cfg.loss)(lp, lq_leaf, **cfg.divergence_kwargs())
@@ -193,12 +212,23 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     # d lq_head[j]/d zt = onehot(ids_j) - q ; d lq_tail/d zt = q * [not in ids] / q_tail - q
     alpha = torch.where(r > 0, G_tail / r.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(r)) - S / s
     g = e.mul_(alpha / Tc)  # e is zero at the ids
-    g.scatter_(-1, ids, (G_head - S * e_ids / s) / Tc)
+    if t.weights is None:
+        g.scatter_(-1, ids, (G_head - S * e_ids / s) / Tc)
+    else:  # ids repeat (padding): the common -S q part at every id, then each entry's G (0 for padding) added
+        g.scatter_(-1, ids, -S * e_ids / (s * Tc))
+        g.scatter_add_(-1, ids, G_head / Tc)
     if g_ce is not None:
         g.add_(g_ce)
     total = total + (w_kd * d).sum()
     kd_sum = ((w_kd > 0) * T.pow(2) * d).sum()
     return g, total, kd_sum, ce_sum
+
+
+def _support_student(lq: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The student's (n, W + 1) buckets on a stored support: padding entries (weight 0) are empty, not a
+    second copy of the id they repeat; the last bucket is its mass outside the support."""
+    pad = torch.cat([weights <= 0, torch.zeros_like(weights[:, :1], dtype=torch.bool)], dim=-1)
+    return lq.masked_fill(pad, NEG_INF)
 
 
 def _weighted_kd(e, zt_ids, m, t: Targets, sl: slice, T, Tc, w_kd, cfg: LossConfig, g_ce, total, ce_sum):
@@ -296,10 +326,10 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
                 logits = OutputHead(weight.detach(), head.bias.detach() if head.bias is not None else None,
                                     head.scale, head.softcap).logits(hidden.detach())
                 maxima: list = []
-                s = _difficulty_from_logits(logits, t, slice(0, N), row_max=maxima)
+                s = _difficulty_from_logits(logits, t, slice(0, N), row_max=maxima, importance=cfg.importance)
                 row_max = torch.cat(maxima)
         else:
-            s = difficulties(hidden.detach(), head, t, cfg.chunk_positions)
+            s = difficulties(hidden.detach(), head, t, cfg.chunk_positions, importance=cfg.importance)
         if ada.latf:
             idx = select(s, latf.ratio if latf is not None else 1.0)
         if ada.idts:

@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 NEG_INF = float("-inf")
+# On sampled and hybrid caches these divergences use the importance-weighted estimate (unbiased at T = 1): their
+# per-token terms are p-dominated (p * m = c / N), so the estimate's terms stay bounded. The others weight
+# q-dominated terms by m ~ 1 / (N p): unbiased too, but heavy-tailed enough to derail training from a random
+# init (bench.fidelity), so they use the stored support exactly and one bucket for the rest (`support_buckets`).
+IMPORTANCE_WEIGHTED = ("fkl", "sfkl")
 LOG_FLOOR = -1e30  # stands for log 0 where a finite value is needed
 # A teacher's tail is never zero when k < V (softmax has no zeros); a cached tail that rounded to zero
 # (top-k sums of float32 values can reach 1) is read as e^-30, so reverse-KL-like losses stay finite.
@@ -51,6 +56,23 @@ def weighted_teacher(lp: torch.Tensor, weights: torch.Tensor, temperature: torch
     sum_b m_b p_b = 1). `lp`: the stored log-probabilities at T = 1."""
     x = lp / _as_column(temperature, lp)
     return x - torch.logsumexp(x + weights.to(x.dtype).log(), dim=-1, keepdim=True)
+
+
+def support_buckets(lp: torch.Tensor, weights: torch.Tensor, vocab_size: int,
+                    temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """(n, W + 1) teacher buckets on a sampled or hybrid cache's stored support: each stored id (head and drawn,
+    weight > 0) exactly, padding empty, and one bucket for the rest of its mass, 1 - sum of the stored ids'
+    probabilities (exact up to quantization), tempered as a top-k cache's tail is (spread evenly over the
+    ids not stored); empty when the stored ids are the whole vocabulary."""
+    valid = weights > 0
+    T = _as_column(temperature, lp)
+    lp = lp.masked_fill(~valid, NEG_INF)
+    mass = torch.exp(lp.double()).sum(-1, keepdim=True)
+    rest = torch.log((1.0 - mass).clamp_min(torch.finfo(torch.float64).tiny)).to(lp.dtype).clamp_min(TEACHER_TAIL_FLOOR)
+    others = (vocab_size - valid.sum(-1, keepdim=True)).to(lp.dtype)
+    log_others = others.clamp_min(1).log()
+    tail = torch.where(others > 0, log_others + (rest - log_others) / T, torch.full_like(rest, NEG_INF))
+    return torch.log_softmax(torch.cat([lp / T, tail], dim=-1), dim=-1)
 
 
 def student_support(logits: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
