@@ -8,8 +8,9 @@ truth, and greedy exact match on held-out deterministic items.
 
 1. A teacher is trained in-process on plenty of samples (each prompt seen many times, one sampled answer
    each time), so it learns the answer distributions.
-2. A student start: one short cross-entropy pre-training on deterministic items of the same families, shared
-   by every student (as in the AdaKD paper, students start pretrained).
+2. A student start: one short cross-entropy pre-training on deterministic items and on "say <word>" for every
+   answer word, shared by every student (as in the AdaKD paper, students start pretrained): it can spell every
+   valid answer but has never seen the prompts.
 3. Per seed, a small transfer set: each distributional prompt a couple of times with one sampled answer (what
    cross-entropy learns from) and some deterministic items; `cache-teacher` stores the teacher's distribution
    on it (what KD learns from): a top-16 cache and a sampled cache (64 draws per position).
@@ -76,6 +77,20 @@ def deterministic_item(rng: random.Random) -> dict:
     return {"instruction": f"{kind} {s}", "output": s[::-1] if kind == "reverse" else "".join(sorted(s))}
 
 
+def pretraining_draw(truth: dict[str, dict[str, float]]):
+    """The student start's items: deterministic items and "say <word>" for every answer word and number, so a
+    student can spell every valid answer but has never seen which prompt wants which, or how often."""
+    words = sorted({a for d in truth.values() for a in d})
+
+    def draw(rng: random.Random) -> dict:
+        if rng.random() < 0.5:
+            return deterministic_item(rng)
+        w = rng.choice(words)
+        return {"instruction": f"say {w}", "output": w}
+
+    return draw
+
+
 def sample_answer(dist: dict[str, float], rng: random.Random) -> str:
     return rng.choices(list(dist), weights=list(dist.values()))[0]
 
@@ -96,7 +111,7 @@ class DemoConfig:
 
     @classmethod
     def fast(cls, out: str) -> "DemoConfig":
-        return cls(out=out, seeds=2, teacher_steps=40, pretrain_steps=10, student_steps=6, transfer_deterministic=20,
+        return cls(out=out, seeds=1, teacher_steps=40, pretrain_steps=10, student_steps=4, transfer_deterministic=20,
                    test_items=12, samples=16)
 
 
@@ -260,7 +275,7 @@ def run(cmd: list[str], log, threads: int | None = None) -> str:
 
 WHAT = {  # one sentence per row: what it shows
     "teacher": "trained on many samples per prompt: it knows the answer distributions (the target)",
-    "student start": "the shared pre-trained start: the format and the deterministic families, no answer sets",
+    "student start": "the shared pre-trained start: it can spell every answer, but was never asked the prompts",
     "CE only": "one sampled answer per prompt copy: it learns those answers, not the distribution",
     "forward KL": "the teacher's distribution at every answer position: mass spread like the truth",
     "AdaKD over forward KL": "forward KL on the hardest positions at per-token temperatures",
@@ -295,11 +310,11 @@ def demo(cfg: DemoConfig) -> dict:
         f"reverse, sort), {len(test)} held-out deterministic items")
     tok = build_tokenizer(out / "tokenizer")
     log(f"[2/5] the teacher (Llama, hidden 128 x 4 layers, {cfg.teacher_steps} steps of 64 sampled items) and the "
-        f"student start (hidden 64 x 2, {cfg.pretrain_steps} steps on deterministic items)")
+        f"student start (hidden 64 x 2, {cfg.pretrain_steps} steps on deterministic and \"say <word>\" items)")
     train_lm(model_config(len(tok), 128, 4, tok), tok, teacher_draw(truth), cfg.teacher_steps, 0, out / "teacher", log,
              "teacher")
-    train_lm(model_config(len(tok), 64, 2, tok), tok, deterministic_item, cfg.pretrain_steps, 1, out / "student-start",
-             log, "student start")
+    train_lm(model_config(len(tok), 64, 2, tok), tok, pretraining_draw(truth), cfg.pretrain_steps, 1,
+             out / "student-start", log, "student start")
     jobs = ThreadPoolExecutor(cfg.jobs)
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
     log(f"[3/5] per seed: a transfer set ({len(truth) * cfg.transfer_repeats} distributional + "

@@ -85,7 +85,8 @@ def sampled_sequences(source: str, records: int, configs: list[tuple[int, int]])
                 d = draw(lp, sampler.uniforms([r], [len(ids) - 1], "cpu"), sampler, lp.shape[1], i if k else None)
                 out[(k, n)].append(SequenceTargets(
                     r, np.array(ids, np.int32), mask, i.numpy().astype(np.int32), v.numpy(), tgt.copy(),
-                    sample_sizes=d.sizes, sample_ids=d.ids, sample_counts=d.counts, sample_logprobs=d.logprobs))
+                    sample_sizes=d.sizes, sample_ids=d.ids, sample_counts=d.counts, sample_logprobs=d.logprobs,
+                    rest_logmass=d.rest))
     return out
 
 

@@ -44,16 +44,17 @@ class Draws:
     ids: np.ndarray  # (S,) int32
     counts: np.ndarray  # (S,) int32
     logprobs: np.ndarray  # (S,) float32, T = 1
+    rest: np.ndarray  # (n,) float32, log of the mass outside the head and the drawn ids (padded ids included)
 
     def rows(self, lo: int, hi: int) -> "Draws":
         """The draws of positions lo..hi-1."""
         off = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         s0, s1 = off[lo], off[hi]
-        return Draws(self.sizes[lo:hi], self.ids[s0:s1], self.counts[s0:s1], self.logprobs[s0:s1])
+        return Draws(self.sizes[lo:hi], self.ids[s0:s1], self.counts[s0:s1], self.logprobs[s0:s1], self.rest[lo:hi])
 
     @staticmethod
     def concat(parts: list["Draws"]) -> "Draws":
-        return Draws(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("sizes", "ids", "counts", "logprobs")))
+        return Draws(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("sizes", "ids", "counts", "logprobs", "rest")))
 
 
 @torch.no_grad()
@@ -65,13 +66,14 @@ def draw(logprobs: torch.Tensor, u: torch.Tensor, sampler: Sampler, real_vocab: 
     remaining mass is zero gets no draws.
     """
     n, V = logprobs.shape
-    picked, live = [], []
+    picked, live, rest = [], [], []
     step = max(1, (1 << 24) // V)  # float64 CDFs of this many rows at a time (128 MiB)
     for r0 in range(0, n, step):
         i, ok = _inverse_cdf(logprobs[r0:r0 + step], u[r0:r0 + step], sampler, real_vocab,
                              None if head_ids is None else head_ids[r0:r0 + step])
         picked.append(i)
         live.append(ok)
+        rest.append(_rest_logmass(logprobs[r0:r0 + step], i, None if head_ids is None else head_ids[r0:r0 + step]))
     idx = torch.cat(picked) if picked else torch.zeros(0, sampler.samples, dtype=torch.long, device=logprobs.device)
     live_rows = torch.cat(live) if live else torch.zeros(0, dtype=torch.bool, device=logprobs.device)
     idx = idx[live_rows]
@@ -81,8 +83,19 @@ def draw(logprobs: torch.Tensor, u: torch.Tensor, sampler: Sampler, real_vocab: 
     lps = logprobs[r, ids].float()
     r, ids, counts, lps = (x.cpu().numpy() for x in (r, ids, counts, lps))
     order = np.lexsort((ids, -lps, r))
+    rest_lm = torch.cat(rest).cpu().numpy() if rest else np.zeros(0, np.float32)
     return Draws(np.bincount(r, minlength=n).astype(np.int32), ids[order].astype(np.int32),
-                 counts[order].astype(np.int32), lps[order].astype(np.float32))
+                 counts[order].astype(np.int32), lps[order].astype(np.float32), rest_lm.astype(np.float32))
+
+
+def _rest_logmass(logprobs: torch.Tensor, drawn: torch.Tensor, head_ids: torch.Tensor | None) -> torch.Tensor:
+    """log of the teacher's mass outside the head and the drawn ids, summed in float64 over the ids themselves
+    (not 1 - the stored mass, which cancels when the rest is small)."""
+    p = logprobs.double().exp()
+    if head_ids is not None and head_ids.shape[1]:
+        p.scatter_(1, head_ids.long(), 0.0)
+    p.scatter_(1, drawn.long(), 0.0)  # a row without draws (empty tail) points at its last id with mass: no mass left
+    return p.sum(1).log().float()
 
 
 def _inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, sampler: Sampler, real_vocab: int,

@@ -31,6 +31,8 @@ class SequenceTargets:
     sample_ids: np.ndarray | None = None  # (S,) int32, S = sample_sizes.sum()
     sample_counts: np.ndarray | None = None  # (S,) int32 >= 1; a position's counts sum to N
     sample_logprobs: np.ndarray | None = None  # (S,) float32, the teacher's log-probability (T = 1) of each id
+    rest_logmass: np.ndarray | None = None  # (n,) float32, log of the teacher's mass outside the stored ids (head and
+    # drawn), computed exactly at capture; -inf when they are the whole vocabulary
 
     @property
     def num_positions(self) -> int:
@@ -39,6 +41,16 @@ class SequenceTargets:
     @property
     def sampled(self) -> bool:
         return self.sample_sizes is not None
+
+    def rest(self) -> np.ndarray:
+        """`rest_logmass`, or where it was not given (hand-made targets) log(1 - the stored ids' mass) in float64."""
+        if self.rest_logmass is not None:
+            return self.rest_logmass
+        pos = np.repeat(np.arange(self.num_positions), self.sample_sizes)
+        stored = np.exp(self.topk_logprobs.astype(np.float64)).sum(1) + np.bincount(
+            pos, weights=np.exp(self.sample_logprobs.astype(np.float64)), minlength=self.num_positions)
+        with np.errstate(divide="ignore"):
+            return np.where(stored < 1, np.log(np.maximum(1 - stored, 1e-300)), -np.inf).astype(np.float32)
 
     @property
     def positions(self) -> np.ndarray:

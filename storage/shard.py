@@ -102,6 +102,7 @@ def _schema(enc: Encoding, metadata: dict[bytes, bytes]) -> pa.Schema:
         cols += [(f"sample_id_{p}", u8) for p in range(enc.sample_id_planes)]
         cols += [(f"sample_lp_{p}", u8) for p in range(2)]
         cols += [(f"sample_count_{p}", u8) for p in range(enc.count_planes)]
+        cols += [("rest_lp", pa.list_(pa.uint16()))]
     return pa.schema(cols, metadata=metadata)
 
 
@@ -201,7 +202,8 @@ def _encode_samples(block: list[SequenceTargets], enc: Encoding, inverse: np.nda
     cols += [_list(per_row, plane, pa.uint8()) for plane in codec.to_planes(codes, enc.sample_id_planes)]
     cols += [_list(per_row, plane, pa.uint8()) for plane in codec.to_planes(gaps, 2)]
     cols += [_list(per_row, plane, pa.uint8()) for plane in codec.to_planes(residual, enc.count_planes)]
-    return cols
+    rest = codec.quantize_neglog(np.concatenate([s.rest_logmass for s in block]), enc.lp_step)
+    return cols + [_list(npos, rest, pa.uint16())]
 
 
 @dataclass
@@ -222,6 +224,7 @@ class DecodedBlock:
     sample_ids: np.ndarray | None = None
     sample_counts: np.ndarray | None = None
     sample_logprobs: np.ndarray | None = None
+    rest_logmass: np.ndarray | None = None
 
     @cached_property
     def sample_offsets(self) -> np.ndarray:
@@ -245,7 +248,8 @@ class DecodedBlock:
         if self.sample_sizes is not None:
             s0, s1 = self.sample_offsets[p0], self.sample_offsets[p1]
             samples = dict(sample_sizes=self.sample_sizes[p0:p1], sample_ids=self.sample_ids[s0:s1],
-                           sample_counts=self.sample_counts[s0:s1], sample_logprobs=self.sample_logprobs[s0:s1])
+                           sample_counts=self.sample_counts[s0:s1], sample_logprobs=self.sample_logprobs[s0:s1],
+                           rest_logmass=self.rest_logmass[p0:p1])
         return SequenceTargets(
             record=int(self.records[i]), input_ids=self.input_ids[t0:t1], loss_mask=self.loss_mask[t0:t1],
             topk_ids=self.topk_ids[p0:p1], topk_logprobs=self.topk_logprobs[p0:p1],
@@ -389,5 +393,9 @@ def _decode_samples(batch: pa.RecordBatch, enc: Encoding, table: np.ndarray, pos
     counts = residual + _expected_counts(gaps, sizes, tail_q, enc)
     if counts.size and (counts.min() < 1 or not np.all(np.add.reduceat(counts, codec.run_starts(sizes)) == enc.samples)):
         raise CacheCorruptError(f"draw counts do not add up to {enc.samples} at every position")
+    rest_off, rest_q = _flat(batch.column("rest_lp"))
+    if not np.array_equal(rest_off, pos_off):
+        raise CacheCorruptError("rest_lp length does not match the positions")
     return dict(sample_sizes=sizes, sample_ids=ids.astype(np.int32), sample_counts=counts.astype(np.int32),
-                sample_logprobs=codec.dequantize_sorted_runs(gaps, sizes, enc.sample_lp_step))
+                sample_logprobs=codec.dequantize_sorted_runs(gaps, sizes, enc.sample_lp_step),
+                rest_logmass=codec.dequantize_neglog(rest_q, enc.lp_step))

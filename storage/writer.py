@@ -293,3 +293,10 @@ def _validate_samples(s: SequenceTargets, enc: Encoding, n: int, where: str) -> 
             raise CacheError(f"{where}: counts must sum to the cache's {enc.samples} draws at every position")
     s.sample_sizes = sizes.astype(np.int32)
     s.sample_ids, s.sample_counts, s.sample_logprobs = ids.astype(np.int32), counts.astype(np.int32), lps
+    s.rest_logmass = s.rest()
+    try:
+        s.rest_logmass = np.asarray(s.rest_logmass, dtype=np.float32).reshape(n)
+    except ValueError as e:
+        raise CacheError(f"{where}: rest_logmass must hold one value per trained token ({n})") from e
+    if np.isnan(s.rest_logmass).any() or (s.rest_logmass > 1e-3).any():
+        raise CacheError(f"{where}: rest_logmass must be a log-mass <= 0")

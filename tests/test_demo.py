@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
 import cli
+import demo
 from storage import CacheReader, verify_cache
+
+
+def test_truth_is_a_distribution_per_prompt():
+    truth = demo.distributions()
+    assert len(truth) >= 20
+    for prompt, dist in truth.items():
+        assert abs(sum(dist.values()) - 1) < 1e-9 and all(p > 0 for p in dist.values()), prompt
+        assert len(dist) >= 3  # several valid answers: what CE from one sampled answer cannot see
+
+
+def test_transfer_sets_differ_by_seed_and_hold_every_prompt():
+    cfg = demo.DemoConfig()
+    truth = demo.distributions()
+    a, b = demo.transfer_set(truth, cfg, 0), demo.transfer_set(truth, cfg, 1)
+    assert a != b
+    for items in (a, b):
+        assert {i["instruction"] for i in items} >= set(truth)
+        assert all(i["output"] in truth[i["instruction"]] for i in items if i["instruction"] in truth)
 
 
 @pytest.mark.slow
@@ -17,10 +38,17 @@ def test_fast_demo_runs_the_whole_pipeline(tmp_path):
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "cache-teacher", "train-student"):
         assert step in r.output
     table = (out / "results.md").read_text()
-    for row in ("teacher", "CE only", "forward KL", "AdaKD over forward KL"):
-        assert row in table
+    for row in ("teacher", "student start", *demo.METHODS):
+        assert f"| {row} |" in table
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    assert verify_cache(out / "cache").ok and CacheReader(out / "cache").manifest.complete
-    for name in ("ce", "forward", "adakd"):
-        assert (out / "students" / name / "final" / "model.safetensors").exists()
-        assert (out / "students" / name / "generations.jsonl").exists()
+    figures = json.loads(r.output.strip().splitlines()[-1])  # the last line: every row's figures
+    assert set(figures["rows"]) == {"teacher", "student start", *demo.METHODS}
+    for row in figures["rows"].values():
+        for metric in ("valid", "distance", "exact_match"):
+            assert 0 <= row[metric]["mean"] <= 1 and row[metric]["sd"] >= 0
+    for kind in ("topk", "sampled"):
+        cache = out / "seed0" / f"cache-{kind}"
+        assert verify_cache(cache).ok and CacheReader(cache).manifest.complete
+        assert CacheReader(cache).info.target_kind == kind
+    for name in demo.METHODS:
+        assert (out / "seed0" / demo.slug(name) / "final" / "model.safetensors").exists()

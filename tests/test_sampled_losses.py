@@ -407,8 +407,7 @@ def as_topk(t: Targets, row: int) -> Targets:
     as the tail: what the support estimator must compute."""
     keep = t.weights[row] > 0
     ids, lp = t.topk_ids[row][keep], t.topk_logprobs[row][keep].double()
-    rest = torch.log((1 - lp.exp().sum()).clamp_min(1e-300)).reshape(1)
-    return Targets(ids[None], lp[None], rest, t.labels[row:row + 1], t.vocab_size)
+    return Targets(ids[None], lp[None], t.tail_logmass[row:row + 1], t.labels[row:row + 1], t.vocab_size)
 
 
 @pytest.mark.parametrize("kind", ["sampled", "hybrid"])

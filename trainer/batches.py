@@ -109,6 +109,7 @@ def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor, sample
                                           npcat("sample_counts"), npcat("sample_logprobs"), sample_temperature)
         targets.topk_ids, targets.topk_logprobs = torch.from_numpy(ids_w), torch.from_numpy(lp_w)
         targets.weights = torch.from_numpy(w)
+        targets.tail_logmass = cat([s.rest() for s in seqs], np.float32)  # from here on: the mass outside the support
     return Batch(torch.from_numpy(ids), torch.from_numpy(mask), cat(rows, np.int64), cat(cols, np.int64), targets,
                  int(mask.sum()), cursor)
 
@@ -127,7 +128,8 @@ def truncate(seq: SequenceTargets, max_length: int) -> SequenceTargets | None:
     if seq.sampled:  # the first n positions' draws: the first sample_sizes[:n].sum() entries
         S = int(seq.sample_sizes[:n].sum())
         samples = {"sample_sizes": seq.sample_sizes[:n], "sample_ids": seq.sample_ids[:S],
-                   "sample_counts": seq.sample_counts[:S], "sample_logprobs": seq.sample_logprobs[:S]}
+                   "sample_counts": seq.sample_counts[:S], "sample_logprobs": seq.sample_logprobs[:S],
+                   "rest_logmass": seq.rest()[:n]}
     return SequenceTargets(seq.record, seq.input_ids[:max_length], mask, seq.topk_ids[:n], seq.topk_logprobs[:n],
                            seq.target_logprob[:n], tail, extras, **samples)
 

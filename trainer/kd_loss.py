@@ -84,7 +84,7 @@ class Targets:
 
     topk_ids: torch.Tensor  # (N, k) int64, or (N, W)
     topk_logprobs: torch.Tensor  # (N, k) float32, or (N, W): log-probabilities at T = 1
-    tail_logmass: torch.Tensor  # (N,) float32
+    tail_logmass: torch.Tensor  # (N,) float32; weighted: the teacher's log-mass outside the stored support
     labels: torch.Tensor  # (N,) int64
     vocab_size: int
     weights: torch.Tensor | None = None  # (N, W) float32 multiplicities; None: top-k buckets
@@ -147,7 +147,8 @@ def _difficulty_from_logits(z: torch.Tensor, t: Targets, sl: slice, rows: int = 
             continue
         lq, *_ = _student_stats(e, zz.gather(-1, t.topk_ids[sub]), m, t.topk_ids[sub])
         if t.weights is not None:  # the stored support's buckets: bounded, like a top-k cache's
-            lq, lp = _support_student(lq, t.weights[sub]), support_buckets(t.topk_logprobs[sub], t.weights[sub], t.vocab_size)
+            lq = _support_student(lq, t.weights[sub])
+            lp = support_buckets(t.topk_logprobs[sub], t.weights[sub], t.tail_logmass[sub], t.vocab_size)
         else:
             lp = teacher_buckets(t.topk_logprobs[sub], t.tail_logmass[sub], t.vocab_size)
         out.append(hellinger(lp, lq))
@@ -198,7 +199,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     lq, s, r, e_ids = _student_stats(e, zt_ids, m, ids)
     if t.weights is not None:  # the other divergences: exact on the stored support, one bucket for the rest
         lq = _support_student(lq, t.weights[sl])
-        lp = support_buckets(t.topk_logprobs[sl], t.weights[sl], t.vocab_size, T)
+        lp = support_buckets(t.topk_logprobs[sl], t.weights[sl], t.tail_logmass[sl], t.vocab_size, T)
     else:
         lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
     with torch.enable_grad():

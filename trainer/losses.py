@@ -58,17 +58,17 @@ def weighted_teacher(lp: torch.Tensor, weights: torch.Tensor, temperature: torch
     return x - torch.logsumexp(x + weights.to(x.dtype).log(), dim=-1, keepdim=True)
 
 
-def support_buckets(lp: torch.Tensor, weights: torch.Tensor, vocab_size: int,
+def support_buckets(lp: torch.Tensor, weights: torch.Tensor, rest_logmass: torch.Tensor, vocab_size: int,
                     temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
     """(n, W + 1) teacher buckets on a sampled or hybrid cache's stored support: each stored id (head and drawn,
-    weight > 0) exactly, padding empty, and one bucket for the rest of its mass, 1 - sum of the stored ids'
-    probabilities (exact up to quantization), tempered as a top-k cache's tail is (spread evenly over the
-    ids not stored); empty when the stored ids are the whole vocabulary."""
+    weight > 0) exactly, padding empty, and one bucket for the rest of its mass (the cache's `rest_logmass`,
+    summed exactly at capture: 1 - the stored probabilities would carry their quantization error), tempered as a
+    top-k cache's tail is (spread evenly over the ids not stored); empty when the stored ids are the whole
+    vocabulary."""
     valid = weights > 0
     T = _as_column(temperature, lp)
     lp = lp.masked_fill(~valid, NEG_INF)
-    mass = torch.exp(lp.double()).sum(-1, keepdim=True)
-    rest = torch.log((1.0 - mass).clamp_min(torch.finfo(torch.float64).tiny)).to(lp.dtype).clamp_min(TEACHER_TAIL_FLOOR)
+    rest = rest_logmass.to(lp.dtype).unsqueeze(-1).clamp_min(TEACHER_TAIL_FLOOR)
     others = (vocab_size - valid.sum(-1, keepdim=True)).to(lp.dtype)
     log_others = others.clamp_min(1).log()
     tail = torch.where(others > 0, log_others + (rest - log_others) / T, torch.full_like(rest, NEG_INF))
