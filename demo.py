@@ -99,9 +99,9 @@ def sample_answer(dist: dict[str, float], rng: random.Random) -> str:
 class DemoConfig:
     out: str = "runs/demo"
     seeds: int = 3
-    teacher_steps: int = 1200
+    teacher_steps: int = 800
     pretrain_steps: int = 300
-    student_steps: int = 150
+    student_steps: int = 300
     transfer_repeats: int = 2  # each distributional prompt, with one sampled answer each time
     transfer_deterministic: int = 200
     test_items: int = 100
@@ -273,15 +273,19 @@ def run(cmd: list[str], log, threads: int | None = None) -> str:
     return r.stdout
 
 
-WHAT = {  # one sentence per row: what it shows
+WHAT = {  # one sentence per row: what it shows (in the default run; README and docs/results.md have the figures)
     "teacher": "trained on many samples per prompt: it knows the answer distributions (the target)",
     "student start": "the shared pre-trained start: it can spell every answer, but was never asked the prompts",
-    "CE only": "one sampled answer per prompt copy: it learns those answers, not the distribution",
-    "forward KL": "the teacher's distribution at every answer position: mass spread like the truth",
-    "AdaKD over forward KL": "forward KL on the hardest positions at per-token temperatures",
-    "reverse KL": "mode-seeking: valid answers, but the spread narrows toward the likeliest",
-    "AdaKD over reverse KL": "reverse KL on the hardest positions at per-token temperatures",
-    "forward KL, sampled cache": "64 teacher draws per position instead of the top-16: an unbiased target",
+    "CE only": "learns the one sampled answer of each copy: the most valid answers, but the transfer set's "
+               "proportions, not the truth's",
+    "forward KL": "the teacher's distribution at every answer position: the closest to the truth, though some mass "
+                  "goes to answers it cannot finish",
+    "AdaKD over forward KL": "forward KL on the hardest positions at per-token temperatures: close to the truth, a "
+                             "little behind plain forward KL here",
+    "reverse KL": "mode-seeking from the student's side: slow to move mass onto valid answers in these steps",
+    "AdaKD over reverse KL": "the slowest here: LATF narrows the positions trained while the loss is still falling",
+    "forward KL, sampled cache": "64 teacher draws per position instead of the top-16: as close to the truth as "
+                                 "forward KL from the top-16",
 }
 
 
@@ -309,9 +313,9 @@ def demo(cfg: DemoConfig) -> dict:
     log(f"[1/5] task: {len(truth)} prompts with known answer distributions, deterministic items (addition, "
         f"reverse, sort), {len(test)} held-out deterministic items")
     tok = build_tokenizer(out / "tokenizer")
-    log(f"[2/5] the teacher (Llama, hidden 128 x 4 layers, {cfg.teacher_steps} steps of 64 sampled items) and the "
+    log(f"[2/5] the teacher (Llama, hidden 128 x 3 layers, {cfg.teacher_steps} steps of 64 sampled items) and the "
         f"student start (hidden 64 x 2, {cfg.pretrain_steps} steps on deterministic and \"say <word>\" items)")
-    train_lm(model_config(len(tok), 128, 4, tok), tok, teacher_draw(truth), cfg.teacher_steps, 0, out / "teacher", log,
+    train_lm(model_config(len(tok), 128, 3, tok), tok, teacher_draw(truth), cfg.teacher_steps, 0, out / "teacher", log,
              "teacher")
     train_lm(model_config(len(tok), 64, 2, tok), tok, pretraining_draw(truth), cfg.pretrain_steps, 1,
              out / "student-start", log, "student start")
@@ -339,7 +343,7 @@ def demo(cfg: DemoConfig) -> dict:
         d = out / f"seed{seed}"
         run([bin_("train-student"), "--cache", str(d / f"cache-{kind}"), "--student", str(out / "student-start"),
              "--out", str(d / slug(name)), "--max-steps", str(cfg.student_steps), "--batch-tokens", "1024", "--lr",
-             "2e-3", "--seed", str(seed), "--no-progress", *extra], log, threads)
+             "3e-3", "--seed", str(seed), "--no-progress", *extra], log, threads)
 
     list(jobs.map(student, [(s, m) for s in range(cfg.seeds) for m in METHODS]))
     jobs.shutdown()

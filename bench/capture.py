@@ -179,8 +179,9 @@ def ceiling(sample, repeats: int) -> dict:
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
     enc = Encoding(k=K, vocab_size=50257)
-    eng = VLLMEngine.__new__(VLLMEngine)
-    eng.k = K
+    eng = VLLMEngine.__new__(VLLMEngine)  # only its output handling: k ranks of 50,257 real ids, no draws
+    eng.k = eng.K = K
+    eng.real_vocab, eng.sampler = 50257, None
     positions = sum(s.num_positions for s, _ in sample)
     arrays = [(np.concatenate(p.token_ids), np.concatenate(p.logprobs)) for _, p in sample]
 

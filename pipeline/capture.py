@@ -324,6 +324,10 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
             _missing_path("--tokenizer", cfg.tokenizer)
         tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code)
         engine_name = choose_engine(cfg.engine, teacher_cfg)
+        if cfg.engine == "auto" and engine_name == "vllm" and cfg.targets != "topk":
+            _note("draws need every prompt log-probability out of vLLM (about 8x slower than hf here, bench.capture): "
+                  "using --engine hf; pass --engine vllm to insist")
+            engine_name = "hf"
         positions = int(getattr(text_config(teacher_cfg), "max_position_embeddings", 0) or 2048)
         max_length = cfg.max_length or positions - 1
         if max_length >= positions + (engine_name == "hf"):

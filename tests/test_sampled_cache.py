@@ -208,6 +208,9 @@ def test_capture_draws_follow_the_teacher(teacher, tmp_path, kind):
         ids = seq.sample_ids[off[i]:off[i + 1]]
         assert np.abs(seq.sample_logprobs[off[i]:off[i + 1]] - lp[i, ids]).max() <= SAMPLE_LP_STEP / 2 + 1e-4
         p = np.exp(lp[i].astype(np.float64))
+        stored = np.concatenate([ids, seq.topk_ids[i]])
+        rest = np.delete(p, stored).sum()  # the teacher's exact mass outside the stored ids
+        assert abs(seq.rest_logmass[i] - np.log(rest)) <= 1 / 64 + 1e-4
         if kind == "hybrid":
             assert not set(ids.tolist()) & set(seq.topk_ids[i].tolist())
             p[seq.topk_ids[i]] = 0
@@ -322,3 +325,13 @@ def test_vllm_draws_agree_with_hf(tmp_path, kind):
             same += da == db
             total += 1
     assert same / total >= 0.95, same / total
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_auto_engine_takes_hf_for_draws(teacher, tmp_path):
+    """vLLM hands every prompt log-probability over for draws (bench.capture: about 8x slower than hf): auto
+    does not pick it for sampled caches, and says so."""
+    t, data = teacher
+    r = capture(t, data, tmp_path / "c", "--targets", "sampled", "--samples", "8", engine="auto")
+    assert "engine hf" in r.output and "using --engine hf" in r.output
+    assert CacheReader(tmp_path / "c").info.engine["name"] == "hf"
