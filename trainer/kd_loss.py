@@ -202,12 +202,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
         lp = support_buckets(t.topk_logprobs[sl], t.weights[sl], t.tail_logmass[sl], t.vocab_size, T)
     else:
         lp = teacher_buckets(t.topk_logprobs[sl], t.tail_logmass[sl], t.vocab_size, T)
-    with torch.enable_grad():
-        lq_leaf = lq.detach().requires_grad_(True)
-        d = divergence(cfg.loss)(lp, lq_leaf, **cfg.divergence_kwargs())
-        (G,) = torch.autograd.grad((w_kd.to(d.dtype) * d).sum(), lq_leaf)
-    d = d.detach()
-    G = torch.nan_to_num(G, nan=0.0)
+    d, G = _divergence_and_grad(lp, lq, w_kd, cfg)
     G_head, G_tail = G[:, :-1], G[:, -1:]
     S = G.sum(-1, keepdim=True)
     # d lq_head[j]/d zt = onehot(ids_j) - q ; d lq_tail/d zt = q * [not in ids] / q_tail - q
@@ -218,6 +213,23 @@ def _chunk_loss_and_grad(z: torch.Tensor, t: Targets, sl: slice, T: torch.Tensor
     else:  # ids repeat (padding): the common -S q part at every id, then each entry's G (0 for padding) added
         g.scatter_(-1, ids, -S * e_ids / (s * Tc))
         g.scatter_add_(-1, ids, G_head / Tc)
+    return _with_kd(g, g_ce, d, w_kd, T, total, ce_sum)
+
+
+def _divergence_and_grad(lp: torch.Tensor, lq: torch.Tensor, w_kd: torch.Tensor, cfg: LossConfig,
+                         weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergences and the gradient of their w_kd-weighted sum w.r.t. the student's bucket log-probs
+    (autograd on (rows, buckets) values only; an empty bucket's NaN gradient is 0)."""
+    extra = {} if weights is None else {"weights": weights}
+    with torch.enable_grad():
+        lq_leaf = lq.detach().requires_grad_(True)
+        d = divergence(cfg.loss)(lp, lq_leaf, **extra, **cfg.divergence_kwargs())
+        (G,) = torch.autograd.grad((w_kd.to(d.dtype) * d).sum(), lq_leaf)
+    return d.detach(), torch.nan_to_num(G, nan=0.0)
+
+
+def _with_kd(g, g_ce, d, w_kd, T, total, ce_sum):
+    """The chunk's gradient with CE's added, and its loss sums."""
     if g_ce is not None:
         g.add_(g_ce)
     total = total + (w_kd * d).sum()
@@ -237,21 +249,12 @@ def _weighted_kd(e, zt_ids, m, t: Targets, sl: slice, T, Tc, w_kd, cfg: LossConf
     ids, w = t.topk_ids[sl], t.weights[sl]
     lq, s = _student_support(e, zt_ids, m)
     lp = weighted_teacher(t.topk_logprobs[sl], w, T)
-    with torch.enable_grad():
-        lq_leaf = lq.detach().requires_grad_(True)
-        d = divergence(cfg.loss)(lp, lq_leaf, weights=w, **cfg.divergence_kwargs())
-        (G,) = torch.autograd.grad((w_kd.to(d.dtype) * d).sum(), lq_leaf)
-    d = d.detach()
-    G = torch.nan_to_num(G, nan=0.0)
+    d, G = _divergence_and_grad(lp, lq, w_kd, cfg, w)
     # d lq_b/d zt = onehot(ids_b) - q: the -S q part everywhere (at repeated ids too), then each entry's G_b
     # added at its id (padding entries have G_b = 0)
     g = e.mul_(-G.sum(-1, keepdim=True) / (s * Tc))
     g.scatter_add_(-1, ids, G / Tc)
-    if g_ce is not None:
-        g.add_(g_ce)
-    total = total + (w_kd * d).sum()
-    kd_sum = ((w_kd > 0) * T.pow(2) * d).sum()
-    return g, total, kd_sum, ce_sum
+    return _with_kd(g, g_ce, d, w_kd, T, total, ce_sum)
 
 
 class _ChunkedLoss(torch.autograd.Function):
