@@ -31,62 +31,52 @@ from storage.shard import ShardFile, encode_shard
 from .common import SHARED, one_core
 
 
-def teacher_targets(records: int, kmax: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """(token ids, top-kmax ids, top-kmax log-probs, actual-token log-probs) per record."""
+def teacher_rows(source: str, records: int):
+    """(token ids, (L - 1, V) float32 log-probabilities, actual-token log-probabilities) of stories260K on the first
+    `records` test texts of `source` (dolly: prompt + response; tinystories: text), every position scored."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = SHARED / "models" / "stories260K"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in open(SHARED / "data" / "dolly" / "test.jsonl")][:records]
-    out: tuple[list, list, list, list] = ([], [], [], [])
+    rows = [json.loads(line) for line in open(SHARED / "data" / source / "test.jsonl")][:records]
     with torch.inference_mode():
-        for r in rows:
-            ids = tok(r["prompt"] + r["output"])["input_ids"][: model.config.max_position_embeddings]
-            x = torch.tensor([ids])
+        for row in rows:
+            ids = tok(row["text"] if "text" in row else row["prompt"] + row["output"])["input_ids"]
+            x = torch.tensor([ids[: model.config.max_position_embeddings]])
             lp = model(x).logits[0, :-1].float().log_softmax(-1)
-            v, i = lp.topk(kmax, dim=-1)
-            out[0].append(np.array(ids, np.int32))
-            out[1].append(i.numpy().astype(np.int32))
-            out[2].append(v.numpy())
-            out[3].append(lp.gather(1, x[0, 1:, None])[:, 0].numpy())
+            yield x[0].numpy().astype(np.int32), lp, lp.gather(1, x[0, 1:, None])[:, 0].numpy()
+
+
+def teacher_targets(records: int, kmax: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(token ids, top-kmax ids, top-kmax log-probs, actual-token log-probs) per dolly record."""
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    for ids, lp, tgt in teacher_rows("dolly", records):
+        v, i = lp.topk(kmax, dim=-1)
+        for part, x in zip(out, (ids, i.numpy().astype(np.int32), v.numpy(), tgt)):
+            part.append(x)
     return out
 
 
 def sampled_sequences(source: str, records: int, configs: list[tuple[int, int]]) -> dict[tuple[int, int], list]:
     """Per (k, N): the teacher's head and draws on `records` texts of `source` (tinystories or dolly), every
     position trained; drawn with cache-teacher's sampler (seeded per record)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipeline.sampling import Sampler, draw
 
-    model_dir = SHARED / "models" / "stories260K"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in open(SHARED / "data" / source / "test.jsonl")][:records]
     out: dict[tuple[int, int], list] = {c: [] for c in configs}
-    with torch.inference_mode():
-        for r, row in enumerate(rows):
-            ids = tok(row["text"] if "text" in row else row["prompt"] + row["output"])["input_ids"]
-            ids = ids[: model.config.max_position_embeddings]
-            x = torch.tensor([ids])
-            lp = model(x).logits[0, :-1].float().log_softmax(-1)
-            mask = np.ones(len(ids), bool)
-            mask[0] = False
-            tgt = lp.gather(1, x[0, 1:, None])[:, 0].numpy()
-            for k, n in configs:
-                v, i = lp.topk(max(k, 1), dim=-1)
-                v, i = v[:, :k], i[:, :k]
-                if n == 0:
-                    out[(k, n)].append(SequenceTargets(r, np.array(ids, np.int32), mask, i.numpy().astype(np.int32),
-                                                       v.numpy(), tgt.copy()))
-                    continue
+    for r, (ids, lp, tgt) in enumerate(teacher_rows(source, records)):
+        mask = np.ones(len(ids), bool)
+        mask[0] = False
+        for k, n in configs:
+            v, i = lp.topk(max(k, 1), dim=-1)
+            v, i = v[:, :k], i[:, :k]
+            drawn = {}
+            if n:
                 sampler = Sampler(n, 1.0, 0, hybrid=k > 0)
                 d = draw(lp, sampler.uniforms([r], [len(ids) - 1], "cpu"), sampler, lp.shape[1], i if k else None)
-                out[(k, n)].append(SequenceTargets(
-                    r, np.array(ids, np.int32), mask, i.numpy().astype(np.int32), v.numpy(), tgt.copy(),
-                    sample_sizes=d.sizes, sample_ids=d.ids, sample_counts=d.counts, sample_logprobs=d.logprobs,
-                    rest_logmass=d.rest))
+                drawn = dict(sample_sizes=d.sizes, sample_ids=d.ids, sample_counts=d.counts, sample_logprobs=d.logprobs,
+                             rest_logmass=d.rest)
+            out[(k, n)].append(SequenceTargets(r, ids, mask, i.numpy().astype(np.int32), v.numpy(), tgt.copy(), **drawn))
     return out
 
 

@@ -58,6 +58,10 @@ class Encoding:
         return codec.id_planes_for(self.vocab_size + 1)  # code 0: the position's actual next token
 
     @property
+    def size_planes(self) -> int:
+        return codec.id_planes_for(self.samples + 1)  # distinct ids per position: 0..N
+
+    @property
     def count_planes(self) -> int:
         return codec.id_planes_for(2 * self.samples + 1)  # zigzag residuals within -N..N
 
@@ -98,7 +102,7 @@ def _schema(enc: Encoding, metadata: dict[bytes, bytes]) -> pa.Schema:
     cols += [("target_lp", pa.list_(pa.uint16())), ("tail_lp", pa.list_(pa.uint16()))]
     cols += [(f"x_{name}", pa.list_(pa.float32())) for name in enc.fields]
     if enc.sampled:
-        cols += [(f"sample_n_{p}", u8) for p in range(codec.id_planes_for(enc.samples + 1))]
+        cols += [(f"sample_n_{p}", u8) for p in range(enc.size_planes)]
         cols += [(f"sample_id_{p}", u8) for p in range(enc.sample_id_planes)]
         cols += [(f"sample_lp_{p}", u8) for p in range(2)]
         cols += [(f"sample_count_{p}", u8) for p in range(enc.count_planes)]
@@ -194,11 +198,11 @@ def _encode_samples(block: list[SequenceTargets], enc: Encoding, inverse: np.nda
     sizes = np.concatenate([s.sample_sizes for s in block])
     per_row = np.array([len(s.sample_ids) for s in block], dtype=np.int64)
     ids = np.concatenate([s.sample_ids for s in block])
-    labels = np.repeat(np.concatenate([s.input_ids[s.loss_mask] for s in block]), sizes)
+    labels = np.repeat(np.concatenate([s.labels for s in block]), sizes)
     codes = np.where(ids == labels, 0, inverse[ids] + 1)
     gaps = codec.quantize_sorted_runs(np.concatenate([s.sample_logprobs for s in block]), sizes, enc.sample_lp_step)
     residual = codec.zigzag(np.concatenate([s.sample_counts for s in block]) - _expected_counts(gaps, sizes, tail_q, enc))
-    cols = [_list(npos, plane, pa.uint8()) for plane in codec.to_planes(sizes, codec.id_planes_for(enc.samples + 1))]
+    cols = [_list(npos, plane, pa.uint8()) for plane in codec.to_planes(sizes, enc.size_planes)]
     cols += [_list(per_row, plane, pa.uint8()) for plane in codec.to_planes(codes, enc.sample_id_planes)]
     cols += [_list(per_row, plane, pa.uint8()) for plane in codec.to_planes(gaps, 2)]
     cols += [_list(per_row, plane, pa.uint8()) for plane in codec.to_planes(residual, enc.count_planes)]
@@ -381,7 +385,7 @@ def _planes(batch: pa.RecordBatch, prefix: str, count: int, offsets: np.ndarray)
 
 def _decode_samples(batch: pa.RecordBatch, enc: Encoding, table: np.ndarray, pos_off: np.ndarray,
                     tail_q: np.ndarray, labels: np.ndarray) -> dict:
-    sizes = _planes(batch, "sample_n_", codec.id_planes_for(enc.samples + 1), pos_off).astype(np.int32)
+    sizes = _planes(batch, "sample_n_", enc.size_planes, pos_off).astype(np.int32)
     off = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])[pos_off]  # where each row's draws start
     codes = _planes(batch, "sample_id_", enc.sample_id_planes, off).astype(np.int64)
     if codes.size and int(codes.max()) > len(table):

@@ -52,11 +52,7 @@ def weighted_support(topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail_logma
     col = k + np.arange(len(pos)) - np.repeat(start, sizes)
     lp = logprobs.astype(np.float64)
     inv = 1.0 / float(sample_temperature)
-    if k == 0 or tail_logmass is None:
-        log_tail = np.zeros(n)
-    else:
-        with np.errstate(divide="ignore"):
-            log_tail = np.asarray(tail_logmass, dtype=np.float64)
+    log_tail = np.zeros(n) if k == 0 or tail_logmass is None else np.asarray(tail_logmass, dtype=np.float64)
     log_c = np.log(counts.astype(np.float64))
     a = log_c + lp * (1.0 - inv)  # the normalizer's terms, in log space: a logsumexp per position
     top = np.full(n, -np.inf)
