@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 LOSSES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "abkd"]  # trainer.losses.DIVERGENCES, without importing torch
+ROW_TOKENS = 2048  # common.packing.DEFAULT_ROW_TOKENS, without importing torch
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
@@ -58,7 +59,9 @@ Guide: docs/cache-teacher.md""")
 @click.option("--limit", type=int, default=None, help="Use only the first N records.")
 @click.option("--num-workers", type=int, default=1, show_default=True, envvar="ADAKD_NUM_WORKERS", help="Processes writing this cache (one per GPU / node).")
 @click.option("--worker-index", type=int, default=0, show_default=True, envvar="ADAKD_WORKER_INDEX", help="This process's index in 0..num-workers-1.")
-@click.option("--batch-tokens", type=int, default=None, help="Tokens per engine call [default: hf 8192, vllm 65536].")
+@click.option("--batch-tokens", type=int, default=None, help="Tokens per engine call (hf: rows x row length, padding included) [default: hf 8192, vllm 65536].")
+@click.option("--packing/--no-packing", default=True, show_default=True, help="hf engine: several whole sequences per row, attention confined to each; --no-packing: one sequence per row, right-padded. A teacher whose forward cannot take packed rows exactly gets padded rows, with a note.")
+@click.option("--row-tokens", type=int, default=ROW_TOKENS, show_default=True, help="hf engine: packed row length.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM tensor parallelism for teachers that do not fit one GPU.")
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM GPU memory share.")
 @click.option("--shard-positions", type=int, default=65536, show_default=True, help="Trained positions per shard.")
@@ -82,7 +85,8 @@ def cache_teacher_cmd(**o) -> None:
         targets=o["targets"], samples=o["samples"], sample_temperature=o["sample_temperature"],
         sample_seed=o["sample_seed"],
         dtype=o["dtype"], max_length=o["max_length"], length_policy=o["length_policy"], num_workers=o["num_workers"],
-        worker_index=o["worker_index"], batch_tokens=o["batch_tokens"], tensor_parallel_size=o["tensor_parallel_size"],
+        worker_index=o["worker_index"], batch_tokens=o["batch_tokens"], packing=o["packing"], row_tokens=o["row_tokens"],
+        tensor_parallel_size=o["tensor_parallel_size"],
         gpu_memory_utilization=o["gpu_memory_utilization"], shard_positions=o["shard_positions"],
         trust_remote_code=o["trust_remote_code"], vllm_fast_path=not o["vllm_stock_path"], show_progress=not o["no_progress"],
     )
@@ -137,8 +141,11 @@ Guide: docs/train-student.md""")
 @click.option("--warmup-fraction", type=float, default=0.05, show_default=True, help="Of total steps; also LATF's warm-up.")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps [default: --epochs over the cache].")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the cache, when --max-steps is not given.")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per micro-batch and process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens the student computes per micro-batch and process (rows x row length, padding included).")
+@click.option("--packing/--no-packing", default=True, show_default=True, help="Several whole sequences per row, attention confined to each (no padding between them); --no-packing: one sequence per row, right-padded. A student whose forward cannot take packed rows exactly gets padded rows, with a note.")
+@click.option("--row-tokens", type=int, default=ROW_TOKENS, show_default=True, help="Packed row length (attention costs rows x length^2 with a dense mask); a longer sequence gets a row of its own length.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute each layer's activations in the backward pass (non-reentrant; with DDP, FSDP, packing, resume): less activation memory for more compute.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step (the loss is averaged per trained token over the whole step).")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient norm clipping; 0 to disable.")
 @click.option("--chunk-positions", type=int, default=1024, show_default=True, help="Positions per loss chunk (memory: chunk x vocabulary floats).")
 @click.option("--max-length", type=int, default=None, help="Cut cache sequences to this many tokens (for a student whose context is shorter than the cache's sequences; their later positions are not trained).")
@@ -177,7 +184,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     for req in ("cache", "student", "out"):
         if not o[req]:
             raise click.ClickException(f"--{req} is required (on the command line or in --config)")
-    for name, low in (("grad_accum", 1), ("batch_tokens", 1), ("chunk_positions", 1), ("epochs", 1), ("max_steps", 1),
+    for name, low in (("grad_accum", 1), ("batch_tokens", 1), ("row_tokens", 1), ("chunk_positions", 1), ("epochs", 1), ("max_steps", 1),
                       ("stop_after", 1), ("save_every", 0), ("max_length", 2), ("keep_last", 0)):
         if o[name] is not None and o[name] < low:
             raise click.ClickException(f"--{name.replace('_', '-')} must be at least {low}, not {o[name]}")
@@ -192,7 +199,8 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
         cfg = TrainConfig(
             cache=o["cache"], student=o["student"], out=o["out"], loss=loss, lr=o["lr"], weight_decay=o["weight_decay"],
             warmup_fraction=o["warmup_fraction"], max_steps=o["max_steps"], epochs=o["epochs"],
-            batch_tokens=o["batch_tokens"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
+            batch_tokens=o["batch_tokens"], packing=o["packing"], row_tokens=o["row_tokens"],
+            gradient_checkpointing=o["gradient_checkpointing"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
             save_every=o["save_every"], keep_last=o["keep_last"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
             tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
             progress=not o["no_progress"], live_teacher=o["live_teacher"], max_length=o["max_length"],
@@ -230,12 +238,13 @@ Examples:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Generation: sampling seed (with --do-sample).")
 @click.option("--limit", type=int, default=None, help="Only the first N prompts (with --teacher: the first N records of --data).")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache and --teacher evaluation: padded tokens per batch.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Cache and --teacher evaluation: computed tokens per batch (rows x row length).")
+@click.option("--packing/--no-packing", default=True, show_default=True, help="Cache and --teacher evaluation: packed rows (as train-student), or one padded sequence per row.")
 @click.option("--max-positions", type=click.IntRange(min=1), default=None, help="Cache and --teacher evaluation: at most this many trained positions (exactly, in input order).")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Cache and --teacher evaluation: cut sequences to this many tokens (a model with a shorter context).")
 def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: str | None, out_file: str | None,
              max_new_tokens: int, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int,
-             limit: int | None, batch_tokens: int, max_positions: int | None, max_length: int | None) -> None:
+             limit: int | None, batch_tokens: int, packing: bool, max_positions: int | None, max_length: int | None) -> None:
     """Evaluate a student: on a held-out teacher cache (--cache), against the live teacher (--teacher with --cache or
     --data), and/or by generation (--data)."""
     import json
@@ -251,7 +260,7 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
                                        "--data FILE (read as cache-teacher reads it)")
         try:
             r = evaluate_teacher(model_dir, teacher_dir, cache=cache, data=data, batch_tokens=batch_tokens,
-                                 max_positions=max_positions, max_length=max_length, limit=limit)
+                                 max_positions=max_positions, max_length=max_length, limit=limit, packing=packing)
         except (StudentError, EvalDataError, storage.CacheError) as e:
             raise click.ClickException(str(e)) from e
         click.echo(format_line(r))
@@ -263,7 +272,8 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
     result: dict = {}
     try:
         if cache:
-            r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions, max_length=max_length)
+            r = evaluate_cache(model_dir, cache, batch_tokens, max_positions=max_positions, max_length=max_length,
+                               packing=packing)
             click.echo(f"cache: positions {r['positions']:,}  NLL {r['nll']:.4f}  KL(teacher||student) {r['kl']:.4f}  "
                        f"top-1 agreement {r['top1_agreement']:.2%}")
             result["cache"] = r

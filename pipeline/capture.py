@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from common.packing import DEFAULT_ROW_TOKENS, grouped, planner
 from storage import CacheError, CacheInfo, CacheWriter, Encoding, SequenceTargets
 
 from .data import DataError, DataSpec, iter_records, load_dataset, resolve_mapping, validate_records
@@ -47,6 +48,8 @@ class CaptureConfig:
     num_workers: int = 1
     worker_index: int = 0
     batch_tokens: int | None = None
+    packing: bool = True  # hf engine: several whole sequences per row (False: one sequence per row, padded)
+    row_tokens: int = DEFAULT_ROW_TOKENS
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     shard_positions: int = 65536
@@ -288,7 +291,8 @@ def make_engine(cfg: CaptureConfig, engine: str, max_length: int, info: CacheInf
         from .engine_hf import HFEngine
 
         return HFEngine(cfg.teacher, cfg.k, dtype=cfg.dtype, batch_tokens=cfg.batch_tokens or 8192,
-                        trust_remote_code=cfg.trust_remote_code, real_vocab=real, sampler=_sampler(cfg))
+                        trust_remote_code=cfg.trust_remote_code, real_vocab=real, sampler=_sampler(cfg),
+                        row_tokens=cfg.row_tokens if cfg.packing else None)
     from .engine_vllm import VLLMEngine
 
     return VLLMEngine(cfg.teacher, cfg.k, max_model_len=max_length + 1, dtype=cfg.dtype,
@@ -311,7 +315,8 @@ def cache_teacher(cfg: CaptureConfig, engine: TeacherEngine | None = None) -> Su
     `engine` lets a caller (benchmarks, notebooks) reuse a loaded teacher; it is then not closed here.
     """
     for opt, value, low in (("--num-workers", cfg.num_workers, 1), ("--max-length", cfg.max_length, 2),
-                            ("--batch-tokens", cfg.batch_tokens, 1), ("--shard-positions", cfg.shard_positions, 1)):
+                            ("--batch-tokens", cfg.batch_tokens, 1), ("--shard-positions", cfg.shard_positions, 1),
+                            ("--row-tokens", cfg.row_tokens, 1)):
         if value is not None and value < low:
             raise EngineError(f"{opt} must be at least {low}, not {value}")
     if not 0 <= cfg.worker_index < cfg.num_workers:
@@ -462,7 +467,7 @@ def _run(cfg: CaptureConfig, ds, start: int, tokenizer: RecordTokenizer, engine:
     producer.start()
     consumer.start()
     try:
-        for batch in _batches(q_in, engine.batch_tokens, stop):
+        for batch in _batches(q_in, engine, stop):
             seqs = [t for t in batch if isinstance(t, Tokenized)]
             scored = iter(engine.score(seqs)) if seqs else iter(())
             if not _put(q_out, [(t, next(scored) if isinstance(t, Tokenized) else None) for t in batch], stop):
@@ -482,22 +487,20 @@ def _run(cfg: CaptureConfig, ds, start: int, tokenizer: RecordTokenizer, engine:
         raise errors[0]
 
 
-def _batches(q_in: queue.Queue, budget: int, stop: threading.Event) -> Iterator[list]:
-    """Consecutive items whose padded size (rows x longest) stays within the token budget."""
-    batch: list = []
-    longest = 0
+def _queued(q_in: queue.Queue, stop: threading.Event) -> Iterator:
     while not stop.is_set():
         item = q_in.get()
         if item is _END:
-            break
-        n = len(item.input_ids) if isinstance(item, Tokenized) else 0
-        if batch and max(longest, n) * (sum(isinstance(b, Tokenized) for b in batch) + 1) > budget:
-            yield batch
-            batch, longest = [], 0
-        batch.append(item)
-        longest = max(longest, n)
-    if batch:
-        yield batch
+            return
+        yield item
+
+
+def _batches(q_in: queue.Queue, engine: TeacherEngine, stop: threading.Event) -> Iterator[list]:
+    """Consecutive items in the batches the engine takes (`common.packing`: rows x width within its token budget,
+    packed rows or padded ones); skipped records ride along."""
+    plan = planner(engine.batch_tokens, getattr(engine, "row_tokens", None))
+    for items, _ in grouped(_queued(q_in, stop), lambda t: len(t.input_ids) if isinstance(t, Tokenized) else 0, plan):
+        yield items
 
 
 def _sequence(t: Tokenized, s: Scored) -> SequenceTargets:

@@ -1,10 +1,12 @@
 """The transformers engine: the reference, and the embedded default where vLLM is absent.
 
-Batched forward in which the output layer sees only the (row, position) pairs that are trained: a
-forward pre-hook on the model's output embeddings gathers those hidden states as one (1, N, H) row, so
-the model's own post-processing (softcapping, logit scales, biases) applies to those N rows only and no
-logits are computed for padding or for positions that another row of the batch trains. Then
-log_softmax in float32 and top-k on the device, a chunk of positions at a time.
+Batched forward on packed rows (`common.packing`: whole sequences side by side, positions restarting at
+each; padded rows for a teacher whose forward cannot take them exactly, with a note) in which the output
+layer sees only the (row, position) pairs that are trained: a forward pre-hook on the model's output
+embeddings gathers those hidden states as one (1, N, H) row, so the model's own post-processing
+(softcapping, logit scales, biases) applies to those N rows only and no logits are computed for padding
+or for untrained positions. Then log_softmax in float32 and top-k on the device, a chunk of positions at
+a time.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import inspect
 
 import numpy as np
 import torch
+
+from common.packing import DEFAULT_ROW_TOKENS, layout_of, packing_error
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
 from .sampling import Draws, Sampler, draw
@@ -41,7 +45,8 @@ class HFEngine:
 
     def __init__(self, model: str, k: int, dtype: str = "auto", device: str | None = None,
                  batch_tokens: int = 8192, chunk_positions: int = 2048, trust_remote_code: bool = False,
-                 real_vocab: int | None = None, sampler: Sampler | None = None):
+                 real_vocab: int | None = None, sampler: Sampler | None = None,
+                 row_tokens: int | None = DEFAULT_ROW_TOKENS):
         import transformers
         from transformers import AutoModelForCausalLM
 
@@ -60,20 +65,35 @@ class HFEngine:
         self.batch_tokens = batch_tokens
         self.chunk_positions = chunk_positions
         self._options = _forward_options(self.model)
+        self.row_tokens = row_tokens  # packed rows of this length; None: padded rows, one sequence each
+        if row_tokens is not None:
+            why = packing_error(self.model)
+            if why is not None:
+                import sys
+
+                print(f"note: the teacher {type(self.model).__name__} ({self.model.config.model_type}): {why}; scoring "
+                      "on padded rows, one sequence each", file=sys.stderr, flush=True)
+                self.row_tokens = None
+
+    def layout(self, batch: list[Tokenized]):
+        """The batch's rows: as `capture` grouped it (`planner(batch_tokens, row_tokens)`), or wider when a caller
+        hands more than one budget's worth."""
+        lengths = [len(s.input_ids) for s in batch]
+        try:
+            return layout_of(lengths, self.batch_tokens, self.row_tokens)
+        except ValueError:
+            return layout_of(lengths, len(lengths) * max(lengths), self.row_tokens)
 
     @torch.inference_mode()
     def score(self, batch: list[Tokenized]) -> list[Scored]:
-        T = max(len(s.input_ids) for s in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        attn = torch.zeros(len(batch), T, dtype=torch.long)
-        for b, s in enumerate(batch):
-            ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
-            attn[b, : len(s.input_ids)] = 1
+        layout = self.layout(batch)
+        inputs = {k: v.to(self.device) for k, v in layout.block([s.input_ids for s in batch]).items()}
         rows = [trained_rows(s) for s in batch]
-        b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(rows)])).to(self.device)
-        p_idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        placed = [layout.place(i, r) for i, r in enumerate(rows)]
+        b_idx = torch.from_numpy(np.concatenate([b for b, _ in placed])).to(self.device)
+        p_idx = torch.from_numpy(np.concatenate([p for _, p in placed])).to(self.device)
         labels = torch.from_numpy(np.concatenate([s.input_ids[s.loss_mask] for s in batch]).astype(np.int64)).to(self.device)
-        logits = self._logits(ids.to(self.device), attn.to(self.device), b_idx, p_idx)
+        logits = self._logits(inputs, b_idx, p_idx)
         u = None if self.sampler is None else self.sampler.uniforms([s.record for s in batch], [len(r) for r in rows],
                                                                      self.device)
         v, i, t, d = self._topk(logits, labels, u)
@@ -84,9 +104,9 @@ class HFEngine:
             o += n
         return out
 
-    def _logits(self, ids: torch.Tensor, attn: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor) -> torch.Tensor:
+    def _logits(self, inputs: dict[str, torch.Tensor], b_idx: torch.Tensor, p_idx: torch.Tensor) -> torch.Tensor:
         """(N, V) logits at the (row, position) pairs given, nothing else projected onto the vocabulary."""
-        B, T = ids.shape
+        B, T = inputs["input_ids"].shape
 
         def gather(module, args):
             hidden = args[0]
@@ -97,7 +117,7 @@ class HFEngine:
 
         handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
         try:
-            logits = self.model(input_ids=ids, attention_mask=attn, **self._options).logits
+            logits = self.model(**inputs, **self._options).logits
         finally:
             handle.remove()
         if tuple(logits.shape) != (1, len(b_idx), self.vocab_size):

@@ -168,6 +168,7 @@ class VLLMEngine:
             self.K = _logit_width(model, trust_remote_code)
         self.fast = fast
         self.batch_tokens = batch_tokens
+        self.row_tokens = None  # vLLM schedules its own batches (no padding): ours only bound the hand-over
         log = os.path.join(tempfile.gettempdir(), f"adakd-vllm-{os.getpid()}.log")
         try:
             with _stderr_to(log):

@@ -128,7 +128,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(setup, tmp_
 
 
 def test_nan_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
-    import trainer.train as tt
+    import trainer.step as tt
 
     real = tt.kd_loss
 

@@ -78,10 +78,15 @@ def latf_update(state: LATFState, loss: float, past_warmup: bool, cfg: AdaKDConf
         state.reference = E
 
 
+def selected_count(N: int, ratio: float) -> int:
+    """How many of N positions LATF distills at this ratio: max(1, floor(ratio * N)), 0 when N = 0."""
+    return max(1, math.floor(ratio * N)) if N else 0
+
+
 def select(difficulty: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices of the n = max(1, floor(ratio * N)) hardest positions (sorted ascending)."""
+    """Indices of the n = `selected_count(N, ratio)` hardest positions (sorted ascending)."""
     N = difficulty.numel()
-    n = max(1, math.floor(ratio * N)) if N else 0
+    n = selected_count(N, ratio)
     if n >= N:
         return torch.arange(N, device=difficulty.device)
     return torch.topk(difficulty, n, sorted=False).indices.sort().values

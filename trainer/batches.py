@@ -1,4 +1,5 @@
-"""Cache sequences -> padded token-budget batches with the targets of their trained positions."""
+"""Cache sequences -> token-budget batches (packed rows by default, `common.packing`) with the targets of their
+trained positions, in stream order whatever the layout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from common.packing import DEFAULT_ROW_TOKENS, Layout, PaddedPlanner, grouped, planner
 from storage import Cursor, SequenceStream, SequenceTargets
 
 from .kd_loss import Targets
@@ -15,21 +17,38 @@ from .kd_loss import Targets
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, T) int64, right-padded with 0
-    attention_mask: torch.Tensor  # (B, T) int64
+    input_ids: torch.Tensor  # (B, T) int64, padded with 0
+    attention_mask: torch.Tensor | None  # (B, T) int64: padded rows, one sequence each; None when packed
     rows: torch.Tensor  # (N,) batch row of each trained position
     cols: torch.Tensor  # (N,) model position whose output predicts the label
     targets: Targets
     tokens: int  # real (unpadded) tokens
     cursor: Cursor  # the stream position after this batch's last sequence
+    position_ids: torch.Tensor | None = None  # (B, T) int64: packed rows, restarting at each sequence; else None
+    sequences: int = 0  # sequences in the batch
+
+    @property
+    def computed(self) -> int:
+        """Tokens the model computes (rows x width, padding included)."""
+        return int(self.input_ids.numel())
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """What the model's forward takes: input_ids and attention_mask (padded) or position_ids (packed)."""
+        out = {"input_ids": self.input_ids}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        else:
+            out["attention_mask"] = self.attention_mask
+        return out
 
     def to(self, device: torch.device | str) -> "Batch":
         t = self.targets
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return Batch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.rows.to(device), self.cols.to(device),
+            self.input_ids.to(device), move(self.attention_mask), self.rows.to(device), self.cols.to(device),
             Targets(t.topk_ids.to(device), t.topk_logprobs.to(device), t.tail_logmass.to(device), t.labels.to(device),
-                    t.vocab_size, t.weights.to(device) if t.weights is not None else None),
-            self.tokens, self.cursor,
+                    t.vocab_size, move(t.weights)),
+            self.tokens, self.cursor, move(self.position_ids), self.sequences,
         )
 
 
@@ -75,19 +94,25 @@ def weighted_support(topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail_logma
     return out_ids, out_lp, out_w
 
 
-def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor, sample_temperature: float = 1.0) -> Batch:
-    """One batch of sequences; a sampled or hybrid cache's targets as weighted supports (`weighted_support`,
-    `sample_temperature`: the cache's proposal temperature tau)."""
-    T = max(len(s.input_ids) for s in seqs)
-    ids = np.zeros((len(seqs), T), dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
+def padded_layout(seqs: list[SequenceTargets]) -> Layout:
+    """One sequence per row, right-padded (the layout of --no-packing)."""
+    p = PaddedPlanner(1)
+    p.lengths = [len(s.input_ids) for s in seqs]
+    return p.layout()
+
+
+def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor, sample_temperature: float = 1.0,
+            layout: Layout | None = None) -> Batch:
+    """One batch of sequences laid out as `layout` says (default: padded rows); the targets follow the
+    sequences' order whatever the layout. A sampled or hybrid cache's targets as weighted supports
+    (`weighted_support`, `sample_temperature`: the cache's proposal temperature tau)."""
+    layout = layout or padded_layout(seqs)
+    block = layout.block([s.input_ids for s in seqs])
     rows, cols = [], []
-    for b, s in enumerate(seqs):
-        ids[b, : len(s.input_ids)] = s.input_ids
-        mask[b, : len(s.input_ids)] = 1
-        pos = s.positions
-        rows.append(np.full(len(pos), b))
-        cols.append(pos)
+    for i, s in enumerate(seqs):
+        r, c = layout.place(i, s.positions)
+        rows.append(r)
+        cols.append(c)
     cat = lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt, copy=False))  # noqa: E731
     targets = Targets(
         topk_ids=cat([s.topk_ids for s in seqs], np.int64),
@@ -106,8 +131,8 @@ def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor, sample
         targets.topk_ids, targets.topk_logprobs = torch.from_numpy(ids_w), torch.from_numpy(lp_w)
         targets.weights = torch.from_numpy(w)
         targets.tail_logmass = cat([s.rest() for s in seqs], np.float32)  # from here on: the mass outside the support
-    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), cat(rows, np.int64), cat(cols, np.int64), targets,
-                 int(mask.sum()), cursor)
+    return Batch(block["input_ids"], block.get("attention_mask"), cat(rows, np.int64), cat(cols, np.int64), targets,
+                 layout.tokens, cursor, block.get("position_ids"), len(seqs))
 
 
 def truncate(seq: SequenceTargets, max_length: int) -> SequenceTargets | None:
@@ -131,25 +156,23 @@ def truncate(seq: SequenceTargets, max_length: int) -> SequenceTargets | None:
 
 
 def batches(stream: SequenceStream, batch_tokens: int, vocab_size: int, max_length: int | None = None,
-            sample_temperature: float = 1.0) -> Iterator[Batch]:
-    """Greedy token-budget batches (rows x longest <= batch_tokens; a longer sequence goes alone), sequences cut
-    to `max_length` tokens when given. `sample_temperature`: a sampled or hybrid cache's proposal temperature
-    (its `encoding.sample_temperature`), for the draws' importance weights."""
-    cur: list[SequenceTargets] = []
-    longest = 0
-    last_cursor = stream.cursor
-    for seq in stream:
-        if max_length is not None:
-            seq = truncate(seq, max_length)
-            if seq is None:
-                last_cursor = stream.cursor
-                continue
-        n = len(seq.input_ids)
-        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-            yield collate(cur, vocab_size, last_cursor, sample_temperature)
-            cur, longest = [], 0
-        cur.append(seq)
-        longest = max(longest, n)
-        last_cursor = stream.cursor
-    if cur:
-        yield collate(cur, vocab_size, last_cursor, sample_temperature)
+            sample_temperature: float = 1.0, row_tokens: int | None = DEFAULT_ROW_TOKENS) -> Iterator[Batch]:
+    """Consecutive sequences of the stream in batches of at most `batch_tokens` computed tokens (rows x width; a
+    longer sequence goes alone): packed into rows of `row_tokens` (None: padded rows, one sequence each),
+    sequences cut to `max_length` tokens when given. `sample_temperature`: a sampled or hybrid cache's proposal
+    temperature (its `encoding.sample_temperature`), for the draws' importance weights.
+
+    A batch holds whole consecutive sequences and its cursor is the stream position after its last one, so
+    resuming from it continues with exactly the next batch."""
+
+    def with_cursors() -> Iterator[tuple[SequenceTargets | None, Cursor]]:
+        for seq in stream:
+            if max_length is not None:
+                seq = truncate(seq, max_length)  # None when no trained position is left: skipped, cursor moves on
+            yield seq, stream.cursor
+
+    for items, layout in grouped(with_cursors(), lambda item: len(item[0].input_ids) if item[0] is not None else 0,
+                                 planner(batch_tokens, row_tokens)):
+        seqs = [seq for seq, _ in items if seq is not None]
+        if seqs:
+            yield collate(seqs, vocab_size, items[-1][1], sample_temperature, layout)

@@ -9,12 +9,14 @@ import torch
 
 from storage import CacheReader
 
+from common.packing import DEFAULT_ROW_TOKENS
+
 from .batches import batches
 from .head import final_hidden, output_head
 from .kd_loss import Targets
 from .losses import fkl, student_buckets, student_support, teacher_buckets, weighted_teacher
-from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, student_tokenizer,
-                      target_vocab)
+from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, packed_rows,
+                      student_tokenizer, target_vocab)
 
 
 def cached_kl(z: torch.Tensor, t: Targets) -> torch.Tensor:
@@ -27,9 +29,11 @@ def cached_kl(z: torch.Tensor, t: Targets) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_cache(model_dir: str, cache: str, batch_tokens: int = 8192, chunk: int = 1024,
-                   max_positions: int | None = None, max_length: int | None = None) -> dict[str, float]:
+                   max_positions: int | None = None, max_length: int | None = None, packing: bool = True,
+                   row_tokens: int = DEFAULT_ROW_TOKENS) -> dict[str, float]:
     """The model's own logits (bias, scaling, soft-cap included) against the cached targets, at most
-    `max_positions` trained positions in cache order."""
+    `max_positions` trained positions in cache order; batches packed as training's unless `packing` is off or
+    the model cannot take packed rows exactly (then padded, with a note)."""
     reader = CacheReader(cache)
     model = load_student(model_dir, option="--model")
     teacher_tok = cache_tokenizer(reader)
@@ -39,12 +43,13 @@ def evaluate_cache(model_dir: str, cache: str, batch_tokens: int = 8192, chunk: 
     model.to(device).eval()
     head = output_head(model)
     vocab = target_vocab(reader.info.k, reader.info.vocab_size, head.vocab_size)
+    rows = packed_rows(row_tokens if packing else None, ("--model", model), doing="evaluating")
     nll = kl = agree = 0.0
     n = 0
     stream = reader.stream()
-    for b in batches(stream, batch_tokens, vocab, max_length, reader.info.encoding.sample_temperature):
+    for b in batches(stream, batch_tokens, vocab, max_length, reader.info.encoding.sample_temperature, rows):
         b = b.to(device)
-        hidden = final_hidden(model, b.input_ids, b.attention_mask)[b.rows, b.cols]
+        hidden = final_hidden(model, **b.model_inputs())[b.rows, b.cols]
         t = b.targets
         if max_positions and n + hidden.shape[0] > max_positions:  # exactly max_positions in all
             keep = torch.arange(max_positions - n, device=hidden.device)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.packing import forward_options
+
 
 class HeadError(Exception):
     """The model's logits cannot be reproduced from its hidden states; the message names the family."""
@@ -84,12 +86,20 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     return OutputHead(layer.weight, getattr(layer, "bias", None), scale, softcap or None)
 
 
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states that the output layer turns into logits (the base model's last ones)."""
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, H) hidden states that the output layer turns into logits (the base model's last ones).
+
+    Padded rows come with an attention mask; packed rows with position ids and no mask (`common.packing`)."""
     base = getattr(model, model.base_model_prefix, None)
     if base is None:
         raise HeadError(f"{type(model).__name__}: no base model under {model.base_model_prefix!r}")
-    return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    inputs = {"input_ids": input_ids, **forward_options(base)}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    return base(**inputs).last_hidden_state
 
 
 @torch.no_grad()

@@ -15,6 +15,10 @@ in one chunk its logits are computed once and reused; otherwise the second pass 
 the selected positions only when the loss is pure KD.
 
 loss = (1 - a) * mean CE(true tokens) + a * mean over selected positions of T_i^2 * D(p^(T_i), q^(T_i))
+
+The means are over this call's positions unless `denominators` are given: the training loop passes the
+counts of the whole optimizer step (every micro-batch, every rank), so that each trained token weighs the
+same whatever micro-batch it falls in (docs/train-student.md, "Loss normalization").
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class LossOutput:
     valid: int
     selected: int
     temperatures: torch.Tensor  # (selected,), detached
+    kd_sum: float = 0.0  # sum of T^2 * D over the selected positions
+    ce_sum: float = 0.0  # sum of CE over all valid positions (when a < 1)
 
 
 def _student_support(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor):
@@ -308,9 +314,13 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, cfg: LossConfig,
-            latf: LATFState | None = None) -> LossOutput:
+            latf: LATFState | None = None, denominators: tuple[float, float] | None = None) -> LossOutput:
     """The loss at the N valid positions given their final hidden states (N, H) and the student's output
-    layer (an OutputHead, or a bare (V, H) weight)."""
+    layer (an OutputHead, or a bare (V, H) weight).
+
+    denominators: (positions the CE is averaged over, positions the KD is averaged over); default (N, the
+    positions selected here). Giving the whole optimizer step's counts makes the loss this call's share of the
+    step's per-token mean."""
     if isinstance(head, torch.Tensor):
         head = OutputHead(head)
     weight = head.weight
@@ -341,17 +351,18 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
         else:
             temps_sel = temps_sel[: len(idx)]
     n = len(idx)
+    ce_den, kd_den = denominators if denominators is not None else (N, n)
     if a < 1:  # CE needs every position: run them all, KD weight only on the selected ones
         pos = torch.arange(N, device=dev)
         temps = torch.full((N,), cfg.temperature, dtype=torch.float32, device=dev)
         temps[idx] = temps_sel
         w_kd = torch.zeros(N, dtype=torch.float32, device=dev)
         if a > 0:
-            w_kd[idx] = a * temps_sel.pow(2) / n
-        w_ce = torch.full((N,), (1 - a) / N, dtype=torch.float32, device=dev)
+            w_kd[idx] = a * temps_sel.pow(2) / kd_den
+        w_ce = torch.full((N,), (1 - a) / ce_den, dtype=torch.float32, device=dev)
     else:
         pos, temps = idx, temps_sel
-        w_kd = temps_sel.pow(2) / n
+        w_kd = temps_sel.pow(2) / kd_den
         w_ce = torch.zeros(n, dtype=torch.float32, device=dev)
     sums: dict = {}
     whole = len(pos) == N
@@ -361,5 +372,6 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
         logits, row_max = logits.index_select(0, pos), row_max.index_select(0, pos)
     loss = _ChunkedLoss.apply(h, weight, head.bias, tt, temps, w_kd, w_ce, cfg, sums, head.scale, head.softcap, logits,
                               row_max)
-    return LossOutput(loss, sums["kd"] / n if a > 0 else 0.0, sums["ce"] / N if a < 1 else 0.0, N, n if a > 0 else 0,
-                      temps_sel.detach())
+    kd_sum, ce_sum = (sums["kd"] if a > 0 else 0.0), (sums["ce"] if a < 1 else 0.0)
+    return LossOutput(loss, kd_sum / n if a > 0 else 0.0, ce_sum / N if a < 1 else 0.0, N, n if a > 0 else 0,
+                      temps_sel.detach(), kd_sum, ce_sum)

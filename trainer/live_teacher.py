@@ -43,7 +43,7 @@ class LiveTeacher:
     @torch.no_grad()
     def targets(self, b: Batch) -> Targets:
         """The teacher's log-probabilities of every real token at the batch's trained positions, sorted."""
-        hidden = final_hidden(self.model, b.input_ids, b.attention_mask)[b.rows, b.cols]
+        hidden = final_hidden(self.model, **b.model_inputs())[b.rows, b.cols]
         lp = torch.log_softmax(self.head.logits(hidden), dim=-1)
         values, ids = lp[:, :self.real].sort(dim=-1, descending=True)
         if lp.shape[-1] > self.real:  # padded ids: their mass is the tail, as in a cache

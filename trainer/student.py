@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from common.packing import packing_error
 from storage import CacheInfo, CacheReader
 
 from .head import HeadError, check_head
@@ -192,6 +194,22 @@ def check_context(model: torch.nn.Module, reader: CacheReader, max_length: int |
             f"(max_position_embeddings); pass --max-length {positions} to truncate longer sequences, or use a model "
             "with a longer context"
         )
+
+
+def packed_rows(row_tokens: int | None, *models: tuple[str, torch.nn.Module], doing: str = "training",
+                quiet: bool = False) -> int | None:
+    """`row_tokens` when every model's forward takes packed rows exactly (`common.packing.packing_error`), else
+    None (padded rows, one sequence each) with a one-line note naming the first model that cannot and why."""
+    if row_tokens is None:
+        return None
+    for what, model in models:
+        why = packing_error(model)
+        if why is not None:
+            if not quiet:
+                print(f"note: {what} {type(model).__name__} ({model.config.model_type}): {why}; {doing} on padded rows, "
+                      "one sequence each (as --no-packing)", file=sys.stderr, flush=True)
+            return None
+    return row_tokens
 
 
 def save_student(model: torch.nn.Module, tokenizer, out: str, state_dict: dict | None = None) -> None:

@@ -45,8 +45,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from common.packing import DEFAULT_ROW_TOKENS, Layout, grouped, planner
+
 from .head import final_hidden, output_head
-from .student import StudentError, context_size, dir_tokenizer, has_weights, load_student, same_token_ids
+from .student import (StudentError, context_size, dir_tokenizer, has_weights, load_student, packed_rows,
+                      same_token_ids)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # vocabulary entries per float64 buffer (128 MiB)
 # transformers' from_pretrained builds models under a process-wide meta-device context: two loads in two
@@ -110,40 +113,23 @@ def _data_sequences(data: str, tok, max_length: int, limit: int | None,
         raise EvalDataError(str(e)) from e
 
 
-def _batches(seqs: Iterator[tuple[np.ndarray, np.ndarray, str]], batch_tokens: int):
-    """Greedy token-budget batches (rows x longest <= batch_tokens; a longer sequence goes alone), as training's:
-    (input_ids, attention_mask, rows, cols, labels, [(length, where)])."""
-    cur: list = []
-    longest = 0
+def _batches(seqs: Iterator[tuple[np.ndarray, np.ndarray, str]], batch_tokens: int, row_tokens: int | None):
+    """Token-budget batches laid out as training's (`common.packing`: packed rows of `row_tokens`, or padded when
+    None): (model inputs, rows, cols, labels, [(length, where)])."""
     try:
-        for s in seqs:
-            n = len(s[0])
-            if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-                yield _collate(cur)
-                cur, longest = [], 0
-            cur.append(s)
-            longest = max(longest, n)
-        if cur:
-            yield _collate(cur)
+        for group, layout in grouped(seqs, lambda s: len(s[0]), planner(batch_tokens, row_tokens)):
+            yield _collate(group, layout)
     finally:
         seqs.close()
 
 
-def _collate(seqs: list):
-    T = max(len(s[0]) for s in seqs)
-    ids = np.zeros((len(seqs), T), dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
-    rows, cols = [], []
-    for b, (s_ids, s_mask, _) in enumerate(seqs):
-        ids[b, : len(s_ids)] = s_ids
-        mask[b, : len(s_ids)] = 1
-        pos = np.flatnonzero(s_mask)
-        rows.append(np.full(len(pos), b))
-        cols.append(pos - 1)  # the output at position j - 1 predicts token j
-    rows_t = torch.from_numpy(np.concatenate(rows).astype(np.int64))
-    cols_t = torch.from_numpy(np.concatenate(cols).astype(np.int64))
-    ids_t = torch.from_numpy(ids)
-    return ids_t, torch.from_numpy(mask), rows_t, cols_t, ids_t[rows_t, cols_t + 1], [(len(s[0]), s[2]) for s in seqs]
+def _collate(seqs: list, layout: Layout):
+    block = layout.block([s[0] for s in seqs])
+    placed = [layout.place(i, np.flatnonzero(mask) - 1) for i, (_, mask, _) in enumerate(seqs)]  # j - 1 predicts j
+    rows_t = torch.from_numpy(np.concatenate([r for r, _ in placed]))
+    cols_t = torch.from_numpy(np.concatenate([c for _, c in placed]))
+    labels = block["input_ids"][rows_t, cols_t + 1]
+    return block, rows_t, cols_t, labels, [(len(s[0]), s[2]) for s in seqs]
 
 
 # ---------------------------------------------------------------- the metrics
@@ -213,7 +199,8 @@ def _chunk_metrics(zt: torch.Tensor, zs: torch.Tensor, labels: torch.Tensor, rea
 def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None, data: str | None = None,
                      batch_tokens: int = 8192, chunk: int = 1024, max_positions: int | None = None,
                      max_length: int | None = None, limit: int | None = None, data_options: dict | None = None,
-                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, trust_remote_code: bool = False) -> dict:
+                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, trust_remote_code: bool = False,
+                     packing: bool = True, row_tokens: int = DEFAULT_ROW_TOKENS) -> dict:
     """The student `model_dir` against the teacher `teacher_dir` run live, on a held-out cache's sequences
     (`cache`) or a data file tokenized as cache-teacher does (`data`, first `limit` records when given; options
     of `pipeline.data.DataSpec` in `data_options`), at most `max_positions` trained positions in input order
@@ -264,7 +251,8 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
     _covers(t_head.vocab_size, real, "--teacher", teacher_dir)
     student.to(s_dev).eval()
     teacher.to(t_dev).eval()
-    batches = _batches(seqs, batch_tokens)
+    rows = packed_rows(row_tokens if packing else None, ("--model", student), ("--teacher", teacher), doing="evaluating")
+    batches = _batches(seqs, batch_tokens, rows)
     try:
         return _evaluate(student, teacher, s_dev, batches, real, chunk, chunk_elements, max_positions)
     finally:
@@ -279,13 +267,13 @@ def _evaluate(student, teacher, s_dev, batches, real: int, chunk: int, chunk_ele
     rows_per_chunk = max(1, min(chunk, chunk_elements // max(s_head.vocab_size, t_head.vocab_size)))
     sums = _Sums()
     n = 0
-    for ids, attn, rows, cols, labels, lengths in batches:
-        if s_context is not None and ids.shape[1] > s_context:
-            length, where = max(lengths)
+    for inputs, rows, cols, labels, lengths in batches:
+        length, where = max(lengths)
+        if s_context is not None and length > s_context:
             raise StudentError(f"{where} has {length:,} tokens, but the --model handles {s_context:,} positions "
                                f"(max_position_embeddings); pass --max-length {s_context} to truncate longer sequences")
-        hs = final_hidden(student, ids.to(s_dev), attn.to(s_dev))[rows.to(s_dev), cols.to(s_dev)]
-        ht = final_hidden(teacher, ids.to(t_dev), attn.to(t_dev))[rows.to(t_dev), cols.to(t_dev)]
+        hs = final_hidden(student, **{k: v.to(s_dev) for k, v in inputs.items()})[rows.to(s_dev), cols.to(s_dev)]
+        ht = final_hidden(teacher, **{k: v.to(t_dev) for k, v in inputs.items()})[rows.to(t_dev), cols.to(t_dev)]
         labels = labels.to(s_dev)
         if max_positions and n + hs.shape[0] > max_positions:  # exactly max_positions in all
             keep = max_positions - n

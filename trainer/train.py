@@ -1,4 +1,4 @@
-"""`train-student` as a plain recipe: cache -> batches -> student hidden states -> chunked KD loss -> AdamW.
+"""`train-student` as a plain recipe: cache -> packed batches -> student hidden states -> chunked KD loss -> AdamW.
 
 Single process, `torchrun` data parallelism (DDP; NCCL on GPU, gloo on CPU) or FSDP2 (`fully_shard`).
 bfloat16 autocast on GPU, float32 on CPU. Resuming from a checkpoint continues exactly.
@@ -16,21 +16,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from common.packing import DEFAULT_ROW_TOKENS
 from storage import CacheError, CacheReader, Cursor
 
+from . import distributed as dist
 from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
 from .batches import Batch, batches
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
-from .head import final_hidden, output_head
-from .kd_loss import LossConfig, kd_loss
-from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, student_tokenizer,
-                      target_vocab)
-
-
-class TrainError(Exception):
-    """A user-fixable problem, or a run that must stop (NaN loss); the message names it."""
+from .errors import TrainError
+from .kd_loss import LossConfig
+from .step import StudentLoss, forward_backward
+from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, packed_rows,
+                      student_tokenizer, target_vocab)
 
 
 @dataclass
@@ -46,7 +44,10 @@ class TrainConfig:
     min_lr_fraction: float = 0.1
     max_steps: int | None = None
     epochs: int = 1
-    batch_tokens: int = 8192
+    batch_tokens: int = 8192  # computed tokens (rows x width) per micro-batch and process
+    packing: bool = True  # several whole sequences per row (False: one sequence per row, padded)
+    row_tokens: int = DEFAULT_ROW_TOKENS  # a packed row's length (longer sequences get a row of their own length)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (non-reentrant)
     grad_accum: int = 1
     clip: float = 1.0
     seed: int = 0
@@ -67,46 +68,6 @@ class TrainConfig:
         return asdict(self)
 
 
-def _dist() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-def _allreduce_mean(x: float, world: int, device) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / world
-
-
-def _all_have(ok: bool, world: int, device) -> bool:
-    if world == 1:
-        return ok
-    t = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-class StudentLoss(torch.nn.Module):
-    """Wraps the student so DDP/FSDP see one forward: hidden states at trained positions -> loss."""
-
-    def __init__(self, model: torch.nn.Module, cfg: LossConfig):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-
-    def forward(self, input_ids, attention_mask, rows, cols, targets, latf_ratio: float):
-        hidden = final_hidden(self.model, input_ids, attention_mask)
-        out = kd_loss(hidden[rows, cols], output_head(self.model), targets, self.cfg, LATFState(ratio=latf_ratio))
-        return out.loss, out
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     warm = max(1, int(cfg.warmup_fraction * total))
     if step < warm:
@@ -115,11 +76,19 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int) -> int:
+def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int, row_tokens) -> int:
     """Micro-batches in one epoch of this rank (decodes the rank's whole share: only for --epochs)."""
     stream = reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0)
     return sum(1 for _ in batches(stream, cfg.batch_tokens, vocab, cfg.max_length,
-                                  reader.info.encoding.sample_temperature))
+                                  reader.info.encoding.sample_temperature, row_tokens))
+
+
+def enable_checkpointing(model: torch.nn.Module, spec: str) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' own), or a clear refusal."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainError(f"--gradient-checkpointing: the student {spec} ({type(model).__name__}) does not support "
+                         "activation checkpointing in transformers; drop the option or lower --batch-tokens")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_ids(b: Batch, outputs: int, cache: str) -> None:
@@ -134,7 +103,7 @@ NOT_ENOUGH_DATA = "{cache}: not enough data for one optimizer step on each of {w
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    rank, world, local = _dist()
+    rank, world, local = dist.init()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -166,6 +135,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             live = LiveTeacher(cfg.live_teacher, reader.info, outputs, device, cfg.trust_remote_code)
         except StudentError as e:
             raise TrainError(str(e)) from e
+    row_tokens = packed_rows(cfg.row_tokens if cfg.packing else None, ("--student", model),
+                             *([("--live-teacher", live.model)] if live else []), quiet=rank != 0)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.student)
     net = StudentLoss(model, cfg.loss)
     if world > 1:
         if cfg.fsdp:
@@ -183,7 +156,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.max_steps:  # no need to read the cache once just to count
         total = cfg.max_steps
     else:
-        per_epoch = _all_min(_count_batches(reader, rank, world, cfg, vocab), world, device) // cfg.grad_accum
+        per_epoch = dist.all_min(_count_batches(reader, rank, world, cfg, vocab, row_tokens), world, device) // cfg.grad_accum
         if per_epoch == 0:
             raise TrainError(NOT_ENOUGH_DATA.format(cache=cfg.cache, world=world))
         total = per_epoch * cfg.epochs
@@ -199,14 +172,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cursor = Cursor.from_json(st["cursors"][rank]) if st["cursors"][rank] else None
     log = _Log(out, rank, cfg, total, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, computed_since = time.perf_counter(), 0, 0
     stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
     try:
         while step < stop_at:
             seed = cfg.seed + epoch
             resume_at = cursor if cursor and cursor.seed == seed else None
             stream = reader.stream(rank=rank, world=world, seed=seed, cursor=resume_at)
-            it = batches(stream, cfg.batch_tokens, vocab, cfg.max_length, reader.info.encoding.sample_temperature)
+            it = batches(stream, cfg.batch_tokens, vocab, cfg.max_length, reader.info.encoding.sample_temperature,
+                         row_tokens)
             epoch_steps = 0
             while step < stop_at:
                 micro = []
@@ -215,51 +189,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     if b is None:
                         break
                     micro.append(b)
-                if not _all_have(len(micro) == cfg.grad_accum, world, device):
+                if not dist.all_have(len(micro) == cfg.grad_accum, world, device):
                     break
                 lr = lr_at(step, total, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                kd_vals, ce_vals, temps, sel, valid = [], [], [], 0, 0
                 for b in micro:
                     check_ids(b, outputs, cfg.cache)
-                    b = b.to(device)
-                    with autocast:
-                        if live is not None:
-                            b.targets = live.targets(b)
-                        loss, o = net(b.input_ids, b.attention_mask, b.rows, b.cols, b.targets, latf.ratio)
-                    if not torch.isfinite(loss):
-                        raise TrainError(f"step {step}: the loss is {loss.item()} (not finite); lower --lr or check "
-                                         "the cache with `adakd verify`; the last checkpoint is intact")
-                    (loss / cfg.grad_accum).backward()
-                    kd_vals.append(o.kd)
-                    ce_vals.append(o.ce)
-                    temps.append(o.temperatures.cpu())
-                    sel += o.selected
-                    valid += o.valid
-                    tokens_since += b.tokens
+                res = forward_backward(net, micro, cfg.loss, latf.ratio, world, device, autocast, step, live)
+                kd, ce = res.kd, res.ce
+                tokens_since += res.tokens
+                computed_since += res.computed
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                kd = _allreduce_mean(float(np.mean(kd_vals)), world, device)
-                ce = _allreduce_mean(float(np.mean(ce_vals)), world, device)
                 if cfg.loss.kd_weight > 0 and cfg.loss.adakd.latf:
                     latf_update(latf, kd, past_warmup=past_warmup(step, total, cfg.warmup_fraction), cfg=cfg.loss.adakd)
                 step += 1
                 epoch_steps += 1
                 cursor = micro[-1].cursor
                 now = time.perf_counter()
-                t = torch.cat(temps) if temps else torch.zeros(0)
+                t = res.temperatures
                 a = cfg.loss.kd_weight
                 record = {
                     "step": step, "epoch": epoch, "loss": (1 - a) * ce + a * kd, "kd": kd,
                     "ce": ce, "lr": lr, "grad_norm": float(gnorm),
-                    "latf_ratio": latf.ratio, "selected": sel, "valid": valid,
+                    "latf_ratio": latf.ratio, "selected": res.selected, "valid": res.valid,
                     "temp_mean": float(t.mean()) if len(t) else None, "temp_min": float(t.min()) if len(t) else None,
                     "temp_max": float(t.max()) if len(t) else None,
                     "tokens_per_s": tokens_since / max(now - t_last, 1e-9) * world,
+                    "real_fraction": tokens_since / max(computed_since, 1),
                 }
-                t_last, tokens_since = now, 0
+                t_last, tokens_since, computed_since = now, 0, 0
                 log.step(record, t)
                 if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
                     _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
@@ -278,30 +239,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     done = step >= total
     return {"steps": step, "total": total, "final": str(out / "final") if done else None,
             "log": str(out / "train_log.jsonl"), "last": log.last}
-
-
-def _all_min(n: int, world: int, device) -> int:
-    if world == 1:
-        return n
-    t = torch.tensor([n], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-def _gather_cursors(cursor: Cursor | None, world: int, device) -> list[dict | None]:
-    """Every rank's cursor, as JSON via a byte tensor (no pickle)."""
-    data = json.dumps(cursor.to_json() if cursor else None).encode()
-    if world == 1:
-        return [json.loads(data)]
-    size = torch.tensor([len(data)], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    cap = int(max(s.item() for s in sizes))
-    buf = torch.zeros(cap, dtype=torch.uint8, device=device)
-    buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    bufs = [torch.zeros_like(buf) for _ in range(world)]
-    dist.all_gather(bufs, buf)
-    return [json.loads(bytes(b[: int(s.item())].tolist())) for b, s in zip(bufs, sizes)]
 
 
 def _full_states(model, opt, sharded: bool):
@@ -346,7 +283,7 @@ def _load_states(model, opt, model_sd, opt_sd, sharded: bool, where: Path) -> No
 
 
 def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device):
-    cursors = _gather_cursors(cursor, world, device)
+    cursors = dist.gather_cursors(cursor, world, device)
     model_state, opt_state = _full_states(model, opt, cfg.fsdp and world > 1)
     if rank == 0:
         state = {"epoch": epoch, "latf": latf.to_json(), "world": world, "config": cfg.to_json()}
@@ -355,8 +292,7 @@ def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, dev
         except CheckpointError as e:
             raise TrainError(str(e)) from e
         prune_checkpoints(out, cfg.keep_last)
-    if world > 1:
-        dist.barrier()
+    dist.barrier(world)
     return model_state
 
 

@@ -1,0 +1,1 @@
+"""What both stages need and neither owns: code below `pipeline/` and `trainer/`, importing neither."""
