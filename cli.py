@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 LOSSES = ["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "abkd"]  # trainer.losses.DIVERGENCES, without importing torch
-ROW_TOKENS = 2048  # common.packing.DEFAULT_ROW_TOKENS, without importing torch
+ROW_TOKENS = 1024  # common.packing.DEFAULT_ROW_TOKENS, without importing torch
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 

@@ -28,6 +28,49 @@ def one_core() -> None:
     torch.set_num_threads(1)
 
 
+def step_memory(step, device) -> dict:
+    """Peak memory of one call of `step` (run it once before, so that lasting allocations such as the optimizer
+    state are made): on GPU max allocated; on CPU the RSS sampled every 0.5 ms after malloc_trim. `step_bytes` is the
+    peak minus what was held just before the call. Run it in a process of its own: the RSS is the whole process's."""
+    import ctypes
+    import gc
+    import threading
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), "step_bytes": torch.cuda.max_memory_allocated() - base}
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so RSS growth is the step's own
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    step()
+    done.set()
+    t.join()
+    peak[0] = max(peak[0], rss())
+    return {"peak_bytes": peak[0], "step_bytes": peak[0] - base}
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def replace_block(path: Path, begin: str, end: str, body: str, heading: str = "") -> None:
     """Replace a benchmark's generated block of a docs page (appended, under `heading`, when absent), keeping the
     hand-written text around it."""

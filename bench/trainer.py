@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -118,40 +117,9 @@ def peak_memory(name: str, args) -> dict:
                       targets.vocab_size)
     step = make_step(name, model, ids, rows, cols, targets, device)
     step()  # optimizer state allocated: memory from here on is the step's own
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "step_bytes": torch.cuda.max_memory_allocated() - base}
-    import ctypes
-    import gc
-    import threading
+    from .common import step_memory
 
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so RSS growth is the step's own
-    base = _rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    step()
-    done.set()
-    t.join()
-    peak[0] = max(peak[0], _rss())
-    return {"peak_bytes": peak[0], "step_bytes": peak[0] - base}
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return step_memory(step, device)
 
 
 def main() -> None:

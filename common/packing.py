@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-DEFAULT_ROW_TOKENS = 2048  # see docs/train-student.md "Batches": measured on CPU by bench.throughput
+DEFAULT_ROW_TOKENS = 1024  # docs/train-student.md "Batches": the fastest row length on CPU with >= 0.95 real tokens (bench.throughput)
 
 
 @dataclass

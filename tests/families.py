@@ -122,6 +122,104 @@ def config(family: str, vocab_size: int = VOCAB):
     if family == "granite":  # logits divided by logits_scaling; non-default multipliers
         return tf.GraniteConfig(**common, num_key_value_heads=1, logits_scaling=4.0, embedding_multiplier=6.0,
                                 residual_multiplier=0.5, attention_multiplier=0.05)
+    moe = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)  # few small experts, top-2, a visible router loss
+    kv1 = dict(num_key_value_heads=1)
+    if family == "starcoder2":  # biases everywhere (use_bias), sliding window
+        return tf.Starcoder2Config(**common, **kv1, sliding_window=48)
+    if family == "olmo":  # a LayerNorm without weights; clipped q/k/v
+        return tf.OlmoConfig(**common, **kv1, clip_qkv=8.0)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common, **kv1)
+    if family == "olmo3":
+        return tf.Olmo3Config(**common, **kv1, sliding_window=48, layer_types=["sliding_attention", "full_attention"])
+    if family == "stablelm":  # partial rotary, q/k layer norms, q/k/v biases
+        return tf.StableLmConfig(**common, **kv1, qk_layernorm=True, use_qkv_bias=True)
+    if family == "falcon":  # Falcon 40B/180B's decoder: grouped kv heads, two layer norms in parallel, rotary
+        return tf.FalconConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                               num_kv_heads=1, new_decoder_architecture=True, ffn_hidden_size=INTERMEDIATE,
+                               max_position_embeddings=POSITIONS, **ids)
+    if family == "bloom":  # ALiBi positions
+        return tf.BloomConfig(vocab_size=vocab_size, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **ids)
+    if family in ("mpt", "mpt_scaled"):  # ALiBi; "mpt_scaled": a numeric logit_scale, which transformers' MPT ignores
+        return tf.MptConfig(vocab_size=vocab_size, d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, expansion_ratio=2,
+                            max_seq_len=POSITIONS, logit_scale=0.25 if family == "mpt_scaled" else None, **ids)
+    if family == "gptj":  # lm_head has a bias (made non-zero in `build`), partial rotary
+        return tf.GPTJConfig(vocab_size=vocab_size, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                             rotary_dim=16, n_inner=INTERMEDIATE, **ids)
+    if family == "gpt_bigcode":  # multi-query attention
+        return tf.GPTBigCodeConfig(vocab_size=vocab_size, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS,
+                                   n_head=HEADS, n_inner=INTERMEDIATE, **ids)
+    if family == "gemma":  # embeddings scaled by sqrt(hidden), RMSNorm of (1 + weight)
+        return tf.GemmaConfig(**common, **kv1, head_dim=HEAD_DIM)
+    if family == "glm":
+        return tf.GlmConfig(**common, **kv1, head_dim=HEAD_DIM)
+    if family == "glm4":
+        return tf.Glm4Config(**common, **kv1, head_dim=HEAD_DIM)
+    if family == "exaone4":
+        return tf.Exaone4Config(**common, **kv1, sliding_window=48, layer_types=["sliding_attention", "full_attention"])
+    if family == "smollm3":  # a layer without rotary positions
+        return tf.SmolLM3Config(**common, **kv1, no_rope_layers=[1, 0], layer_types=["full_attention"] * LAYERS)
+    if family == "nemotron":  # LayerNorm of (1 + weight), squared ReLU
+        return tf.NemotronConfig(**common, **kv1, head_dim=HEAD_DIM)
+    if family == "ernie4_5":
+        return tf.Ernie4_5Config(**common, **kv1, head_dim=HEAD_DIM)
+    if family == "hunyuan_v1_dense":  # q/k norms
+        return tf.HunYuanDenseV1Config(**common, **kv1, head_dim=HEAD_DIM)
+    if family == "seed_oss":  # q/k/v biases
+        return tf.SeedOssConfig(**common, **kv1, head_dim=HEAD_DIM)
+    # mixtures of experts: 4 experts of 32, top-2; a shared expert and dense first layers where the family has them
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, **kv1, **moe, num_experts=4, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=64)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, **kv1, **moe, num_experts=4, moe_intermediate_size=32)
+    if family == "mixtral":
+        return tf.MixtralConfig(**common, **kv1, **moe, head_dim=HEAD_DIM, num_local_experts=4)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**common, **kv1, **moe, num_experts=4)
+    if family == "granitemoe":  # Granite's logits_scaling and multipliers
+        return tf.GraniteMoeConfig(**common, **kv1, **moe, num_local_experts=4, logits_scaling=4.0,
+                                   embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.05)
+    if family == "gpt_oss":  # attention sinks, sliding window; no router loss of its own in the sinks
+        return tf.GptOssConfig(**common, **kv1, **moe, head_dim=HEAD_DIM, num_local_experts=4, sliding_window=48,
+                               layer_types=["sliding_attention", "full_attention"])
+    if family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):  # routers balanced without an auxiliary loss
+        shape = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                     first_k_dense_replace=1)
+        if family == "glm4_moe":
+            return tf.Glm4MoeConfig(**common, **kv1, **shape, head_dim=HEAD_DIM, n_group=1, topk_group=1)
+        mla = dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=HEAD_DIM)
+        if family == "deepseek_v2":
+            return tf.DeepseekV2Config(**common, num_key_value_heads=HEADS, **shape, **mla)
+        return tf.DeepseekV3Config(**common, num_key_value_heads=HEADS, **shape, **mla, n_group=1, topk_group=1)
+    if family == "llama4":  # the text model (Llama4ForCausalLM): MoE layer, chunked attention, a layer without rotary
+        return tf.Llama4TextConfig(**common, **kv1, **moe, head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
+                                   num_local_experts=4, moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=POSITIONS,
+                                   layer_types=["chunked_attention", "full_attention"])
+    # state-space models and hybrids (no CUDA kernels here: transformers' torch paths)
+    ssm = dict(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, **ids)
+    if family == "mamba":
+        return tf.MambaConfig(**ssm, state_size=8, expand=2, conv_kernel=4, time_step_rank=8)
+    if family == "mamba2":
+        return tf.Mamba2Config(**ssm, num_heads=4, head_dim=HEAD_DIM, state_size=16, n_groups=1, expand=2, chunk_size=32)
+    if family == "jamba":  # attention then Mamba + MoE
+        return tf.JambaConfig(**ssm, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS, **kv1, **moe,
+                              num_experts=4, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                              attn_layer_offset=0, mamba_d_state=8, mamba_dt_rank=8, use_mamba_kernels=False,
+                              max_position_embeddings=POSITIONS)
+    if family == "zamba2":  # Mamba 2, then a hybrid layer with the shared attention block
+        return tf.Zamba2Config(**ssm, layers_block_type=["mamba", "hybrid"], intermediate_size=INTERMEDIATE,
+                               num_attention_heads=HEADS, num_key_value_heads=HEADS, mamba_d_state=16, n_mamba_heads=4,
+                               mamba_ngroups=1, chunk_size=32, use_mamba_kernels=False, max_position_embeddings=POSITIONS)
+    if family == "granitemoehybrid":  # Mamba 2 and attention layers, MoE, Granite's multipliers and logits_scaling
+        return tf.GraniteMoeHybridConfig(**common, **kv1, **moe, num_local_experts=4, shared_intermediate_size=64,
+                                         layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=HEAD_DIM,
+                                         mamba_d_state=16, mamba_chunk_size=32, logits_scaling=4.0,
+                                         embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.05)
+    if family == "falcon_h1":  # attention and Mamba 2 side by side; logits multiplied by lm_head_multiplier
+        return tf.FalconH1Config(**common, **kv1, mamba_d_ssm=128, mamba_n_heads=4, mamba_d_head=HEAD_DIM,
+                                 mamba_d_state=16, mamba_chunk_size=32, lm_head_multiplier=0.25,
+                                 time_step_limit=(0.0, 0.05))
     raise ValueError(f"unknown family {family!r}; known: {ALL}")
 
 

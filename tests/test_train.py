@@ -341,3 +341,57 @@ def test_final_student_is_replaced_whole(setup, tmp_path):
     train(setup, out, "--max-steps", "2")  # complete: re-running writes final/ again, as a new directory
     assert not (out / "final" / "stale.txt").exists() and list((out / "final").glob("*.safetensors"))
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_gradient_checkpointing_changes_no_number_and_resumes(setup, tmp_path):
+    """Recomputing the activations in the backward pass gives the same losses and weights, packed, and a run
+    stopped and resumed with it continues exactly."""
+    from safetensors.torch import load_file
+
+    args = ("--max-steps", "6", "--lr", "3e-3", "--kd-weight", "0.5")
+    train(setup, tmp_path / "plain", *args)
+    train(setup, tmp_path / "ckpt", *args, "--gradient-checkpointing")
+    train(setup, tmp_path / "split", *args, "--gradient-checkpointing", "--stop-after", "3")
+    train(setup, tmp_path / "split", *args, "--gradient-checkpointing")
+    plain, ckpt, split = (log(tmp_path / n) for n in ("plain", "ckpt", "split"))
+    assert [x["loss"] for x in ckpt] == pytest.approx([x["loss"] for x in plain], rel=1e-6)
+    assert [x["loss"] for x in split] == [x["loss"] for x in ckpt]  # resumed: bit-identical
+    assert all(x["real_fraction"] > 0.9 for x in ckpt)  # packed
+    wa = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "ckpt" / "final" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def test_gradient_checkpointing_is_refused_for_a_student_without_it(setup, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    r = train(setup, tmp_path / "r", "--max-steps", "2", "--gradient-checkpointing", ok=False)
+    assert r.exit_code == 1 and "--gradient-checkpointing" in r.output and "LlamaForCausalLM" in r.output
+    assert not (tmp_path / "r" / "train_log.jsonl").exists()
+
+
+def test_no_packing_trains_on_padded_rows_and_packing_computes_fewer_tokens(setup, tmp_path):
+    train(setup, tmp_path / "packed", "--max-steps", "3", "--batch-tokens", "512")
+    train(setup, tmp_path / "padded", "--max-steps", "3", "--batch-tokens", "512", "--no-packing")
+    packed, padded = log(tmp_path / "packed"), log(tmp_path / "padded")
+    assert all(x["real_fraction"] < 0.9 for x in padded) and all(x["real_fraction"] > 0.9 for x in packed)
+    assert sum(x["valid"] for x in packed) > sum(x["valid"] for x in padded)  # the same budget holds more sequences
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_gradient_checkpointing_under_torchrun(setup, tmp_path, fsdp):
+    _, cache, student = setup
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    losses = {}
+    for name, extra in (("plain", []), ("ckpt", ["--gradient-checkpointing"])):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "cli", "train-student", "--cache", str(cache), "--student", str(student), "--out",
+                            str(out), "--max-steps", "3", "--batch-tokens", "1024", "--no-progress",
+                            *(["--fsdp"] if fsdp else []), *extra], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[name] = [x["loss"] for x in log(out)]
+    assert len(losses["ckpt"]) == 3 and losses["ckpt"] == pytest.approx(losses["plain"], rel=1e-5)

@@ -1,10 +1,17 @@
 """A causal LM's output layer as the chunked loss sees it: z = softcap(scale * (h @ W^T + b)).
 
-Model families differ only after the final hidden states: an output bias (Phi), a multiplier (Cohere's
-`logit_scale`, Granite's 1 / `logits_scaling`) and a final tanh soft-cap (Gemma 2/3). The chunked loss
-writes its gradient by hand, so it needs these as formulas rather than as the model's forward; they are
-read from the config here, and `check_head` runs each model once against its own forward so that a
-family whose logits are not reproduced is refused by name instead of being trained on wrong numbers.
+Model families differ only after the final hidden states: an output bias (Phi, GPT-J), a multiplier (Cohere's
+`logit_scale`, Falcon-H1's `lm_head_multiplier`, Granite's 1 / `logits_scaling`) and a final tanh soft-cap
+(Gemma 2/3). The chunked loss writes its gradient by hand, so it needs these as formulas rather than as the
+model's forward; they are read from the config here, only where the family's transformers forward applies
+them (MPT's config has a `logit_scale` that transformers' MptForCausalLM never applies: the head ignores it
+too, since the student must train on the logits the saved model produces), and `check_head` runs each
+model once against its own forward so that a family whose logits are not reproduced is refused by name
+instead of being trained on wrong numbers.
+
+The hidden states come from the causal LM's base model (`base_model`), the decoder its forward calls: the
+module named by `base_model_prefix`, or, where that names no module (Llama 4's text model says
+`language_model` and holds `model`), the one pretrained sub-model beside the output layer.
 """
 
 from __future__ import annotations
@@ -64,9 +71,29 @@ class OutputHead:
         return g
 
 
-def _config_number(config, name: str) -> float | None:
+# Config fields that a family's config carries but its transformers forward does not apply to the logits.
+IGNORED = {
+    "mpt": ("logit_scale",),  # MptForCausalLM: lm_head(hidden) as is, whatever logit_scale says (a number or "inv_sqrt_d_model")
+}
+# Multipliers of the logits: (config field, multiplied (True) or divided (False)).
+SCALES = (
+    ("logit_scale", True),  # Cohere, Cohere 2
+    ("lm_head_multiplier", True),  # Falcon-H1
+    ("logits_scaling", False),  # Granite, Granite MoE, Granite MoE hybrid
+)
+
+
+def _config_number(config, name: str, model: torch.nn.Module | None = None) -> float | None:
     value = getattr(config, name, None)
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        family = f"{type(model).__name__} ({config.model_type})" if model is not None else config.model_type
+        raise HeadError(f"{family}: its config's {name} is {value!r}, not a number; adakd reproduces the logits of "
+                        f"families whose forward multiplies them by a numeric {name}: set a number in config.json, or "
+                        "use a model whose forward computes its logits without it") from None
 
 
 def output_head(model: torch.nn.Module) -> OutputHead:
@@ -75,15 +102,47 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     if layer is None or not isinstance(getattr(layer, "weight", None), torch.Tensor):
         raise HeadError(f"{type(model).__name__}: no output embedding layer (get_output_embeddings() is None)")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    ignored = IGNORED.get(getattr(config, "model_type", None), ())
     scale = 1.0
-    logit_scale = _config_number(config, "logit_scale")  # Cohere: multiplied
-    if logit_scale is not None:
-        scale *= logit_scale
-    logits_scaling = _config_number(config, "logits_scaling")  # Granite: divided
-    if logits_scaling is not None:
-        scale /= logits_scaling
-    softcap = _config_number(config, "final_logit_softcapping")
+    for name, multiplied in SCALES:
+        if name in ignored:
+            continue
+        value = _config_number(config, name, model)
+        if value is not None:
+            scale = scale * value if multiplied else scale / value
+    softcap = _config_number(config, "final_logit_softcapping", model)
     return OutputHead(layer.weight, getattr(layer, "bias", None), scale, softcap or None)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder whose last hidden states the causal LM's output layer turns into logits.
+
+    `base_model_prefix` names it in most families; where that attribute is missing (Llama4ForCausalLM says
+    "language_model" and holds "model"), the one pretrained model among the causal LM's direct children."""
+    from transformers import PreTrainedModel
+
+    base = getattr(model, model.base_model_prefix, None)
+    if isinstance(base, torch.nn.Module) and base is not model:
+        return base
+    subs = [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    if len(subs) == 1:
+        return subs[0]
+    raise HeadError(f"{type(model).__name__} ({model.config.model_type}): no base model under "
+                    f"{model.base_model_prefix!r}, and {len(subs)} pretrained sub-models instead of one")
+
+
+def base_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, **extra):
+    """The base model's outputs (last_hidden_state, and router_logits when asked with output_router_logits).
+
+    Padded rows come with an attention mask; packed rows with position ids and no mask (`common.packing`)."""
+    base = base_model(model)
+    inputs = {"input_ids": input_ids, **forward_options(base), **extra}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    return base(**inputs)
 
 
 def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -91,15 +150,7 @@ def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     """(B, T, H) hidden states that the output layer turns into logits (the base model's last ones).
 
     Padded rows come with an attention mask; packed rows with position ids and no mask (`common.packing`)."""
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None:
-        raise HeadError(f"{type(model).__name__}: no base model under {model.base_model_prefix!r}")
-    inputs = {"input_ids": input_ids, **forward_options(base)}
-    if attention_mask is not None:
-        inputs["attention_mask"] = attention_mask
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
-    return base(**inputs).last_hidden_state
+    return base_outputs(model, input_ids, attention_mask, position_ids).last_hidden_state
 
 
 @torch.no_grad()
