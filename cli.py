@@ -158,6 +158,7 @@ Guide: docs/train-student.md""")
 @click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard.")
 @click.option("--plot", is_flag=True, help="Draw loss, LATF ratio and temperature histogram to OUT/train_plot.png.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model/tokenizer code from the student's directory (off by default).")
+@click.option("--router-aux-loss/--no-router-aux-loss", default=True, show_default=True, help="A mixture-of-experts student: add its router load-balancing loss (router_aux_loss_coef x the family's load_balancing_loss_func, padding excluded) to the training loss, as the family's own training does; logged as router_aux.")
 @click.option("--live-teacher", default=None, help="Teacher directory: use its exact full-vocabulary distribution, computed live, instead of the cached top-k (to measure what the cache costs; needs the teacher in memory).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 @click.pass_context
@@ -204,6 +205,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             save_every=o["save_every"], keep_last=o["keep_last"], stop_after=o["stop_after"], fsdp=o["fsdp"], allow_incomplete_cache=o["allow_incomplete_cache"],
             tensorboard=o["tensorboard"], plot=o["plot"], trust_remote_code=o["trust_remote_code"],
             progress=not o["no_progress"], live_teacher=o["live_teacher"], max_length=o["max_length"],
+            router_aux_loss=o["router_aux_loss"],
         )
         check_writable(cfg.out)  # before any work
         result = train(cfg)

@@ -229,6 +229,24 @@ def training(args, device) -> dict:
     return out
 
 
+def row_sweep(args, device) -> dict:
+    """The row length's trade-off on the dolly shape, body student, CE: real-token share (whole stream) against
+    real tokens/s, each row length's batches of the same slice, interleaved, medians over the rounds."""
+    model, vocab = student("body", args.quick)
+    tr = Trainer(model, device)
+    seqs = sequences(stream_lengths("dolly", args.tokens), vocab)
+    data = {rt: batches(seqs, vocab, args.batch_tokens, rt) for rt in args.sweep}
+    for bs in data.values():
+        tr.step(bs[0], "ce")
+    times = {rt: [] for rt in data}
+    for _ in range(args.repeats):
+        for rt, bs in data.items():
+            times[rt].append(sum(tr.timed(bs, "ce")))
+    real = sum(len(s.input_ids) for s in seqs)
+    return {str(rt): {"stream_real_fraction": layout_fraction("dolly", args.batch_tokens, rt),
+                      "ce_tokens_per_s": real / statistics.median(times[rt])} for rt in data}
+
+
 def predicted(model, r: dict) -> float:
     """What packing can gain when the output layer runs at trained positions only, from FLOPs: the body's
     6 x params per computed token (attention scores aside) + the head's 6 x H x V per real token."""
@@ -375,6 +393,9 @@ def report(res: dict, args) -> str:
             lines.append(f"| {sname} | {shape} | {r['ce_speedup']:.2f}x / {r['adakd_rkl_speedup']:.2f}x{pred} | "
                          f"{r['allowed_speedup']:.2f}x | {r['ce_speedup_vs_allowed']:.0%} / "
                          f"{r['adakd_rkl_speedup_vs_allowed']:.0%} | {r['kd_over_ce_packed']:.3f} |")
+    sw = res["row_sweep"]
+    lines += ["", "Row length (body student, dolly, CE): " + "; ".join(
+        f"{rt}: {x['stream_real_fraction']:.3f} real, {x['ce_tokens_per_s']:,.0f} real tok/s" for rt, x in sw.items()) + "."]
     c = res["checkpointing"]
     lines += ["", f"--gradient-checkpointing, body student, one {c['tokens']:,}-token sequence, AdaKD-RKL: step "
               f"{c['step_s']['off']:.2f} s -> {c['step_s']['on']:.2f} s ({c['time_ratio']:.2f}x), step memory "
@@ -400,6 +421,7 @@ def main() -> None:
     ap.add_argument("--row-tokens", type=int, default=None, help="[default: common.packing.DEFAULT_ROW_TOKENS]")
     ap.add_argument("--long", type=int, default=None,
                     help="sequence length of the checkpointing measurement [default: 4096; --quick 256]")
+    ap.add_argument("--sweep", default=None, help="row lengths compared on dolly [default: 512,1024,2048,4096]")
     ap.add_argument("--parity", type=int, default=64, help="sequences scored alone for the numeric parity")
     ap.add_argument("--quick", action="store_true", help="tiny students and few tokens: seconds (for the tests)")
     ap.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
@@ -410,6 +432,7 @@ def main() -> None:
     from common.packing import DEFAULT_ROW_TOKENS
 
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars between the table's lines
+    args.sweep = [int(x) for x in (args.sweep or ("128,256" if args.quick else "512,1024,2048,4096")).split(",")]
     for name, full, quick in (("repeats", 3, 1), ("tokens", 12000, 1500), ("batch_tokens", 8192, 1024), ("long", 4096, 256),
                               ("row_tokens", DEFAULT_ROW_TOKENS, 256)):
         if getattr(args, name) is None:
@@ -423,6 +446,7 @@ def main() -> None:
            "batch_tokens": args.batch_tokens, "row_tokens": args.row_tokens, "repeats": args.repeats,
            "tokens": args.tokens, "quick": args.quick}
     res["training"] = training(args, device)
+    res["row_sweep"] = row_sweep(args, device)
     res["memory"] = memory(args)
     res["checkpointing"] = checkpointing(args, device)
     res["capture"] = capture(args, device)

@@ -32,7 +32,7 @@ class TeacherEngine(Protocol):
     vocab_size: int  # width of the teacher's logits (padded ids included)
     real_vocab: int  # ids below it are real tokens; the rest are padding, never stored in the top-k
     batch_tokens: int  # how many tokens one `score` call should get (rows x width)
-    row_tokens: int | None  # packed rows of this length (common.packing); None: padded rows, one sequence each
+    row_tokens: object  # packed rows (an int or common.packing.Rows); None: padded rows, one sequence each
 
     def score(self, batch: list[Tokenized]) -> list[Scored]: ...
 

@@ -16,7 +16,7 @@ import inspect
 import numpy as np
 import torch
 
-from common.packing import DEFAULT_ROW_TOKENS, layout_of, packing_error
+from common.packing import DEFAULT_ROW_TOKENS, forward_options, layout_of, packing_error, rows_for
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
 from .sampling import Draws, Sampler, draw
@@ -34,10 +34,11 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def _forward_options(model) -> dict:
-    """All logits to the output layer (our hook narrows them), no KV cache; only what `forward` accepts."""
+    """All logits to the output layer (our hook narrows them), no KV cache (`common.packing.forward_options`: also
+    where `forward` takes it through **kwargs, as GraniteMoE's does: with a KV cache transformers ignores packed
+    position ids, and packed sequences would attend to each other)."""
     params = inspect.signature(model.forward).parameters
-    wanted = {"logits_to_keep": 0, "use_cache": False}
-    return {k: v for k, v in wanted.items() if k in params}
+    return {**({"logits_to_keep": 0} if "logits_to_keep" in params else {}), **forward_options(model)}
 
 
 class HFEngine:
@@ -65,7 +66,8 @@ class HFEngine:
         self.batch_tokens = batch_tokens
         self.chunk_positions = chunk_positions
         self._options = _forward_options(self.model)
-        self.row_tokens = row_tokens  # packed rows of this length; None: padded rows, one sequence each
+        # packed rows of this length (shared within the teacher's attention chunks, if any); None: padded rows
+        self.row_tokens = rows_for(row_tokens, self.model) if row_tokens is not None else None
         if row_tokens is not None:
             why = packing_error(self.model)
             if why is not None:

@@ -3,17 +3,26 @@
 `build(family, out)` writes a loadable Hugging Face directory (config.json, model.safetensors, tokenizer
 files): hidden 64, 2 layers, intermediate 128, 128 positions, float32, head_dim 32 where the family
 lets us choose, tied embeddings as each family defaults, and each family's logit post-processing switched
-on (Phi's lm_head bias non-zero, Gemma 2's final soft-cap, Cohere's logit_scale, Granite's logits_scaling
-and multipliers). A teacher's final norm is scaled up so that its distributions are peaked. `vocab_size`
-wider than the tokenizer makes a padded output layer (Qwen2.5, Llama-style multiples of 64); a padded
-teacher's padded rows are scaled up so that it puts real mass on them.
+on (Phi's and GPT-J's lm_head bias non-zero, Gemma 2's final soft-cap, Cohere's logit_scale, Granite's and
+GraniteMoE's logits_scaling and multipliers, Falcon-H1's lm_head_multiplier). A teacher's final norm is
+scaled up so that its distributions are peaked (OLMo's norm has no weights: its output rows instead).
+`vocab_size` wider than the tokenizer makes a padded output layer (Qwen2.5, Llama-style multiples of 64);
+a padded teacher's padded rows are scaled up so that it puts real mass on them.
+
+The families (`FAMILIES`, every one a teacher and a student): dense decoders (`DENSE`: Llama, Qwen 2/3,
+Mistral, Phi 3, Phi, Gemma 1/2/3, GPT-2, OPT, GPT-NeoX, Cohere, Granite, StarCoder 2, OLMo 1/2/3, StableLM,
+Falcon, BLOOM, MPT, GPT-J, GPT-BigCode, GLM, GLM-4, EXAONE 4, SmolLM 3, Nemotron, ERNIE 4.5, Hunyuan dense,
+Seed-OSS), mixtures of experts (`MOE`: 4 experts of 32, top-2; Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE,
+GraniteMoE, GPT-OSS, DeepSeek V2/V3, GLM-4 MoE, Llama 4's text model) and state-space models and hybrids
+(`SSM`: Mamba, Mamba 2, Jamba, Zamba 2, GraniteMoE-hybrid, Falcon-H1; transformers' torch paths, no
+kernels). `ROUTER_LOSS`: the MoE families whose own training adds a router load-balancing loss (their
+configs here: router_aux_loss_coef 0.02). `TEACHER_ONLY`: Gemma 3's multimodal wrapper.
 
 As a script: builds every family, loads it with AutoModelForCausalLM and generates a few tokens.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,9 +30,20 @@ import numpy as np
 
 from tiny import CHAT_TEMPLATE, WORDS
 
-# Families trained and cached; "gemma3" is the text model (Gemma3ForCausalLM).
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "phi", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox",
-            "cohere", "granite"]
+# Families trained and cached; "gemma3" is the text model (Gemma3ForCausalLM), "llama4" the text model
+# (Llama4ForCausalLM). Exaone 4 stands for EXAONE: the first EXAONE is remote code only, not in transformers.
+DENSE = ["llama", "qwen2", "qwen3", "mistral", "phi3", "phi", "gemma2", "gemma3", "gpt2", "opt", "gpt_neox", "cohere",
+         "granite", "starcoder2", "olmo", "olmo2", "olmo3", "stablelm", "falcon", "bloom", "mpt", "gptj", "gpt_bigcode",
+         "gemma", "glm", "glm4", "exaone4", "smollm3", "nemotron", "ernie4_5", "hunyuan_v1_dense", "seed_oss"]
+# Mixtures of experts; those marked in ROUTER_LOSS add a router load-balancing loss in their own training.
+MOE = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "granitemoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
+       "llama4"]
+# State-space models and hybrids (transformers' torch paths: no mamba-ssm / causal-conv1d kernels here).
+SSM = ["mamba", "mamba2", "jamba", "zamba2", "granitemoehybrid", "falcon_h1"]
+FAMILIES = DENSE + MOE + SSM
+# The families whose CausalLM forward adds coef * load_balancing_loss_func(router logits) with output_router_logits;
+# DeepSeek V2/V3 and GLM-4 MoE balance their routers without an auxiliary loss, Llama 4's forward has none.
+ROUTER_LOSS = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "granitemoe", "gpt_oss", "jamba", "granitemoehybrid"]
 # Gemma 3's multimodal wrapper (Gemma3ForConditionalGeneration, tiny SigLIP vision tower): a teacher only.
 TEACHER_ONLY = ["gemma3_mm"]
 ALL = FAMILIES + TEACHER_ONLY
@@ -140,9 +160,9 @@ def config(family: str, vocab_size: int = VOCAB):
                                max_position_embeddings=POSITIONS, **ids)
     if family == "bloom":  # ALiBi positions
         return tf.BloomConfig(vocab_size=vocab_size, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **ids)
-    if family in ("mpt", "mpt_scaled"):  # ALiBi; "mpt_scaled": a numeric logit_scale, which transformers' MPT ignores
+    if family == "mpt":  # ALiBi
         return tf.MptConfig(vocab_size=vocab_size, d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, expansion_ratio=2,
-                            max_seq_len=POSITIONS, logit_scale=0.25 if family == "mpt_scaled" else None, **ids)
+                            max_seq_len=POSITIONS, **ids)
     if family == "gptj":  # lm_head has a bias (made non-zero in `build`), partial rotary
         return tf.GPTJConfig(vocab_size=vocab_size, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              rotary_dim=16, n_inner=INTERMEDIATE, **ids)
@@ -192,9 +212,10 @@ def config(family: str, vocab_size: int = VOCAB):
         if family == "deepseek_v2":
             return tf.DeepseekV2Config(**common, num_key_value_heads=HEADS, **shape, **mla)
         return tf.DeepseekV3Config(**common, num_key_value_heads=HEADS, **shape, **mla, n_group=1, topk_group=1)
-    if family == "llama4":  # the text model (Llama4ForCausalLM): MoE layer, chunked attention, a layer without rotary
+    if family == "llama4":  # the text model (Llama4ForCausalLM): an MoE layer, a layer without rotary, chunked attention
+        # at the family's chunk (8192 tokens, beyond these models' 128 positions and the packed rows' 1024 tokens)
         return tf.Llama4TextConfig(**common, **kv1, **moe, head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
-                                   num_local_experts=4, moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=POSITIONS,
+                                   num_local_experts=4, moe_layers=[1], no_rope_layers=[1, 0],
                                    layer_types=["chunked_attention", "full_attention"])
     # state-space models and hybrids (no CUDA kernels here: transformers' torch paths)
     ssm = dict(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, **ids)
@@ -203,10 +224,12 @@ def config(family: str, vocab_size: int = VOCAB):
     if family == "mamba2":
         return tf.Mamba2Config(**ssm, num_heads=4, head_dim=HEAD_DIM, state_size=16, n_groups=1, expand=2, chunk_size=32)
     if family == "jamba":  # attention then Mamba + MoE
+        # initializer_range 0.1: at 0.02 this init's Mamba layer moves the logits by ~1e-3, so little that the state
+        # it carries across packed sequences is at the edge of what packing_error can see
         return tf.JambaConfig(**ssm, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS, **kv1, **moe,
                               num_experts=4, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
                               attn_layer_offset=0, mamba_d_state=8, mamba_dt_rank=8, use_mamba_kernels=False,
-                              max_position_embeddings=POSITIONS)
+                              max_position_embeddings=POSITIONS, initializer_range=0.1)
     if family == "zamba2":  # Mamba 2, then a hybrid layer with the shared attention block
         return tf.Zamba2Config(**ssm, layers_block_type=["mamba", "hybrid"], intermediate_size=INTERMEDIATE,
                                num_attention_heads=HEADS, num_key_value_heads=HEADS, mamba_d_state=16, n_mamba_heads=4,
@@ -216,10 +239,11 @@ def config(family: str, vocab_size: int = VOCAB):
                                          layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=HEAD_DIM,
                                          mamba_d_state=16, mamba_chunk_size=32, logits_scaling=4.0,
                                          embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.05)
-    if family == "falcon_h1":  # attention and Mamba 2 side by side; logits multiplied by lm_head_multiplier
+    if family == "falcon_h1":  # attention and Mamba 2 side by side; logits multiplied by lm_head_multiplier.
+        # mamba_rms_norm (the gated-RMSNorm variant) keeps the SSM's output at a trained model's scale: without it this
+        # init's SSM adds ~1e-4 to the logits, too little for packing_error to see the state carried across sequences
         return tf.FalconH1Config(**common, **kv1, mamba_d_ssm=128, mamba_n_heads=4, mamba_d_head=HEAD_DIM,
-                                 mamba_d_state=16, mamba_chunk_size=32, lm_head_multiplier=0.25,
-                                 time_step_limit=(0.0, 0.05))
+                                 mamba_d_state=16, mamba_chunk_size=32, mamba_rms_norm=True, lm_head_multiplier=0.25)
     raise ValueError(f"unknown family {family!r}; known: {ALL}")
 
 
@@ -254,8 +278,11 @@ def build(family: str, out: Path, vocab_size: int | None = None, tokenizer_dir: 
     head = model.get_output_embeddings()
     with torch.no_grad():
         if role == "teacher":
-            # Granite divides its logits by logits_scaling (4): compensated, or its teacher would be near-uniform
-            _scale_final_norm(model, TEACHER_SCALE * getattr(cfg.get_text_config(), "logits_scaling", 1.0))
+            # Granite divides its logits by logits_scaling (4), Falcon-H1 multiplies them by lm_head_multiplier (0.25):
+            # compensated, or their teachers would be near-uniform
+            text = cfg.get_text_config()
+            _scale_final_norm(model, TEACHER_SCALE * (getattr(text, "logits_scaling", None) or 1.0)
+                              / (getattr(text, "lm_head_multiplier", None) or 1.0))
             if width > real:
                 head.weight[real:].mul_(PAD_BOOST)
         if getattr(head, "bias", None) is not None:  # Phi: a bias the head must add
@@ -268,20 +295,32 @@ def build(family: str, out: Path, vocab_size: int | None = None, tokenizer_dir: 
 def _scale_final_norm(model, s: float) -> None:
     """Multiply the output of the norm before the output layer by s: the logits (less any bias) scale by s.
 
-    The norm rather than the output rows, so that tied input embeddings stay as initialised."""
-    base = getattr(model, model.base_model_prefix)
+    The norm rather than the output rows, so that tied input embeddings stay as initialised; a norm without
+    weights (OLMo's) leaves the output rows to scale (untied in that family)."""
+    import torch
+
+    base = getattr(model, model.base_model_prefix, None)
+    if not isinstance(base, torch.nn.Module):  # Llama 4's text model: base_model_prefix names no module; it is `model`
+        base = model.model
     base = getattr(base, "language_model", base)  # Gemma 3's multimodal wrapper
     base = getattr(base, "decoder", base)  # OPT
-    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f"):
         norm = getattr(base, name, None)
         if norm is not None:
             break
     else:
         raise ValueError(f"{type(model).__name__}: no final norm found")
-    if type(norm).__name__.startswith("Gemma"):  # Gemma's RMSNorm multiplies by (1 + weight)
-        norm.weight.copy_((1 + norm.weight) * s - 1)
+    weight = getattr(norm, "weight", None)
+    if weight is None:  # OLMo's LayerNorm has no parameters: the output rows instead
+        head = model.get_output_embeddings()
+        if model.config.get_text_config().tie_word_embeddings:
+            raise ValueError(f"{type(model).__name__}: a final norm without weights and tied embeddings")
+        head.weight.mul_(s)
+        return
+    if type(norm).__name__.startswith("Gemma") or type(norm).__name__.endswith("1P"):  # scale (1 + weight): Gemma, Nemotron
+        weight.copy_((1 + weight) * s - 1)
     else:
-        norm.weight.mul_(s)
+        weight.mul_(s)
     if getattr(norm, "bias", None) is not None:
         norm.bias.mul_(s)
 
@@ -300,12 +339,16 @@ def _sanity(root: Path) -> None:
         d = build(family, root / family, tokenizer_dir=tok_dir)
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         tk = AutoTokenizer.from_pretrained(d)
-        enc = tk(["the cat sat on the mat", "a dog"], return_tensors="pt", padding=True, padding_side="left")
-        gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        # Falcon-H1: one prompt at a time (transformers 5.19 fails on a left-padded batch; test_families.py, xfail)
+        prompts = [["the cat sat on the mat"], ["a dog"]] if family == "falcon_h1" else [["the cat sat on the mat", "a dog"]]
+        gen = []
+        for batch in prompts:
+            enc = tk(batch, return_tensors="pt", padding=True, padding_side="left")
+            gen += model.generate(**enc, max_new_tokens=5, do_sample=False)[:, enc["input_ids"].shape[1]:].tolist()
         head = model.get_output_embeddings()
         params = sum(p.numel() for p in model.parameters())
         print(f"{family:10s} {type(model).__name__:34s} params {params:>8,}  tied {model.config.get_text_config().tie_word_embeddings!s:5s}  "
-              f"bias {head.bias is not None!s:5s}  generated {gen[:, enc['input_ids'].shape[1]:].tolist()}  "
+              f"bias {head.bias is not None!s:5s}  generated {gen}  "
               f"{time.perf_counter() - t0:.1f} s")
 
 

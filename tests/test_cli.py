@@ -58,3 +58,12 @@ def test_console_scripts_are_installed():
         assert shutil.which(name), f"console script {name} missing: pip install -e ."
     out = subprocess.run(["adakd", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "verify" in out.stdout and "cache-teacher" in out.stdout
+
+
+def test_cli_constants_match_the_library():
+    """cli.py repeats two values so that --help needs no torch; they must not drift."""
+    from common.packing import DEFAULT_ROW_TOKENS
+    from trainer.losses import DIVERGENCES
+
+    assert cli.ROW_TOKENS == DEFAULT_ROW_TOKENS
+    assert set(cli.LOSSES) == set(DIVERGENCES)

@@ -43,7 +43,8 @@ def test_max_length_beyond_the_teacher(capture):
 
 
 @pytest.mark.parametrize("option,value,low", [("--num-workers", "0", 1), ("--max-length", "-5", 2), ("--max-length", "1", 2),
-                                              ("--batch-tokens", "0", 1), ("--shard-positions", "0", 1)])
+                                              ("--batch-tokens", "0", 1), ("--shard-positions", "0", 1),
+                                              ("--row-tokens", "0", 1)])
 def test_capture_counts_below_their_minimum(capture, option, value, low):
     fails(capture(option, value), f"{option} must be at least {low}, not {value}")
 
@@ -250,7 +251,7 @@ def test_eval_data_that_cannot_be_read(fault_training, tmp_path):
 
 @pytest.mark.parametrize("option,value", [("--grad-accum", "0"), ("--batch-tokens", "0"), ("--chunk-positions", "0"),
                                           ("--epochs", "0"), ("--max-steps", "-1"), ("--stop-after", "0"),
-                                          ("--save-every", "-1")])
+                                          ("--save-every", "-1"), ("--row-tokens", "0")])
 def test_counts_below_their_minimum(train, option, value):
     fails(train(option, value), f"{option} must be at least", f"not {value}")
 

@@ -45,7 +45,8 @@ def dense_div(name: str, lp: torch.Tensor, lq: torch.Tensor, beta=0.1, skew=0.1,
     if name == "akl":
         ps, order = p.sort(-1, descending=True)
         qs = q.gather(-1, order)
-        head = (ps.cumsum(-1) - ps) < mu
+        head = ps.cumsum(-1) <= mu  # the official get_ratio: cum_sum > mu is the tail, the first is head
+        head[..., 0] = True
         gap = (ps - qs).abs().detach()  # AKL's weights are held constant (documented choice)
         gh = (gap * head).sum(-1)
         gt = (gap * ~head).sum(-1)
@@ -435,3 +436,33 @@ def test_latf_trajectory_exercises_both_directions():
     ratios = [r for r, _ in official_latf(losses, 100, 0.05, decay=0.8)]
     moves = {(b > a) - (b < a) for a, b in zip(ratios, ratios[1:])}
     assert {1, -1} <= moves
+
+
+def test_akl_head_follows_the_official_rule():
+    """The bucket whose cumulative mass crosses mu is tail (official `get_ratio`: `mask = cum_sum > mu;
+    mask[..., 0] = False`), and the most likely bucket is head even when it alone holds more than mu."""
+    from trainer.losses import akl
+
+    def weights(p, q, mu):  # a transcription of the official head/tail gap ratio, dense, p sorted
+        errors = (p - q).abs()
+        mask = p.cumsum(-1) > mu
+        mask[..., 0] = False
+        s1 = errors.masked_fill(mask, 0).sum(-1)
+        s2 = errors.masked_fill(~mask, 0).sum(-1)
+        return s1 / (s1 + s2)
+
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
+    for p, mu in (([0.4, 0.3, 0.2, 0.1], 0.5), ([0.7, 0.2, 0.05, 0.05], 0.5), ([0.25, 0.25, 0.25, 0.25], 0.5),
+                  ([0.4, 0.3, 0.2, 0.1], 0.75)):
+        p = torch.tensor([p], dtype=torch.float64)
+        q = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+        w = weights(p, q, mu)
+        # buckets: the four ids as the top-k with an empty tail bucket
+        lp = torch.cat([p.log(), torch.full((1, 1), -math.inf, dtype=torch.float64)], -1)
+        lq = torch.cat([q.log(), torch.full((1, 1), -math.inf, dtype=torch.float64)], -1)
+        got = akl(lp, lq, akl_mu=mu)
+        want = w * kl(p, q) + (1 - w) * kl(q, p)
+        torch.testing.assert_close(got, want)
+    # 0.4 + 0.3 crosses 0.5: only the first bucket is head (the old rule took both)
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    assert weights(p, torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64), 0.5).item() == pytest.approx(0.3 / 0.8)

@@ -7,6 +7,8 @@
    temperatures, on top-k and on sampled targets; a family whose forward cannot take packed rows is named
    by `packing_error` (and only those listed in NOT_PACKED), and then trains on padded rows with a note.
 3. The hf engine: a packed batch scores like a padded one, for every family, teacher-only ones included.
+4. An MoE student's router load-balancing loss (trainer.router): the family's own value on padded rows, the same
+   on packed rows (their padding excluded by the batch's real_mask), weighted per micro-batch by trained positions.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from families import ALL, FAMILIES, VOCAB, config
+from families import ALL, FAMILIES, ROUTER_LOSS, VOCAB, config
 
-from common.packing import Layout, PackedPlanner, PaddedPlanner, grouped, layout_of, packing_error, planner
+from common.packing import Layout, PackedPlanner, PaddedPlanner, Rows, grouped, layout_of, packing_error, planner
 from pipeline.sampling import Sampler, draw
 from storage import SequenceTargets
 from trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, select
@@ -28,6 +30,18 @@ from trainer.student import packed_rows
 # Families whose forward cannot take packed rows exactly (and why): they train and score on padded rows.
 NOT_PACKED = {
     "opt": "OPT takes its learned positions from the attention mask and builds its mask without the position ids",
+    "falcon": "Falcon builds its causal mask without the position ids: packed sequences would attend to each other",
+    "bloom": "BLOOM builds its causal mask without the position ids (and its ALiBi from the attention mask)",
+    "mpt": "MPT builds its causal mask without the position ids: packed sequences would attend to each other",
+    "gpt_oss": "GPT-OSS builds its full and sliding-window masks without the position ids",
+    "mamba": "Mamba's recurrent state and convolution run along the whole row: transformers' torch path has no "
+             "per-sequence reset, so each sequence starts from the state its row neighbour left",
+    "mamba2": "Mamba 2's recurrent state and convolution run along the whole row (no per-sequence reset)",
+    "jamba": "Jamba's Mamba layers carry their recurrent state from one packed sequence into the next",
+    "zamba2": "Zamba 2's Mamba 2 layers carry their recurrent state from one packed sequence into the next",
+    "granitemoehybrid": "GraniteMoE-hybrid's Mamba 2 layers carry their recurrent state from one packed sequence into "
+                        "the next",
+    "falcon_h1": "Falcon-H1's Mamba 2 mixers carry their recurrent state from one packed sequence into the next",
 }
 K = 16
 
@@ -54,6 +68,18 @@ def test_a_sequence_longer_than_a_row_gets_a_row_of_its_own_length_and_one_longe
     p.reset()
     assert p.add(150) and not p.add(1)
     assert p.layout().computed == 150
+
+
+def test_a_model_with_chunked_attention_shares_rows_only_within_a_chunk():
+    """Llama 4 counts its attention chunks from the row's start: rows wider than a chunk hold one sequence."""
+    p = planner(400, Rows(300, shared=100))
+    assert all(p.add(n) for n in (60, 40, 70, 30, 100, 90)) and not p.add(20)  # four rows of at most 100
+    lay = p.layout()
+    assert lay.rows == 4 and lay.width == 100
+    assert layout_of([60, 40, 70, 30, 100], 400, 300).rows == 1  # without the limit: one row of 300
+    p.reset()
+    assert p.add(150) and not p.add(10)  # longer than a chunk: alone in its batch
+    assert p.layout().rows == 1 and p.layout().width == 150
 
 
 def test_padded_planner_is_rows_times_longest():
@@ -155,10 +181,13 @@ def test_packing_error_names_exactly_the_families_that_cannot_pack(family, capsy
     why = packing_error(model)
     assert (why is None) == (family not in NOT_PACKED), why
     rows = packed_rows(2048, ("--student", model))
+    err = capsys.readouterr().err
     if family in NOT_PACKED:
-        assert rows is None and "padded rows" in capsys.readouterr().err and type(model).__name__ in why + type(model).__name__
+        assert rows is None and "padded rows" in err and type(model).__name__ in err and why in err
     else:
-        assert rows == 2048 and capsys.readouterr().err == ""
+        assert rows.tokens == 2048 and err == ""
+        chunk = getattr(model.config.get_text_config(), "attention_chunk_size", None)
+        assert rows.shared == chunk  # chunked attention (Llama 4): sequences share a row only within a chunk
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
@@ -223,3 +252,63 @@ def test_hf_engine_packed_scores_like_padded(family, tmp_path):
         np.testing.assert_allclose(a.target_logprob, b.target_logprob, atol=1e-4, rtol=0)
         gap = np.abs(np.diff(b.topk_logprobs, axis=1)).min(1) > 1e-3  # ranks apart beyond rounding: the same ids
         np.testing.assert_array_equal(a.topk_ids[gap], b.topk_ids[gap])
+
+
+# ------------------------------------------------------------ 4. an MoE student's router load-balancing loss
+
+
+@pytest.mark.parametrize("family", ROUTER_LOSS)
+def test_router_loss_is_the_family_own_on_padded_rows_and_the_same_on_packed_rows(family):
+    """StudentLoss adds coef * the family's own aux loss (`model(..., output_router_logits=True).aux_loss` on the padded
+    batch, its attention mask excluding the padding); on packed rows the batch's real_mask excludes each row's padding
+    the same way, so the value is the padded one (families that pack); the switch turns it off."""
+    from trainer.step import StudentLoss
+
+    model = student(family)
+    packed, padded = both_layouts(sequences("topk"))
+    assert packed.real_mask is not None and packed.real_mask.sum() == padded.attention_mask.sum()
+    assert not packed.real_mask.all()  # the packed rows have padding, which must not count
+    cfg = LossConfig(loss="fkl")
+    net, off = StudentLoss(model, cfg), StudentLoss(model, cfg, router_aux_loss=False)
+    coef = model.config.router_aux_loss_coef
+    with torch.no_grad():
+        own = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, output_router_logits=True)
+    got, grads = {}, {}
+    for name, b in (("padded", padded), ("packed", packed)):
+        for which, m in (("on", net), ("off", off)):
+            model.zero_grad()
+            loss, out = m(b.model_inputs(), b.rows, b.cols, b.targets, 1.0, None, b.real_mask)
+            loss.backward()
+            grads[name, which] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            aux = out.router_aux
+            if which == "off":
+                assert aux is None and loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+            else:
+                assert loss.item() == pytest.approx(out.loss.item() + coef * aux, rel=1e-6)
+                got[name] = aux
+        assert any(not torch.equal(a, b) for a, b in zip(grads[name, "on"], grads[name, "off"]))  # it trains the routers
+    assert got["padded"] == pytest.approx(own.aux_loss.item(), rel=1e-6)
+    if family not in NOT_PACKED:
+        assert got["packed"] == pytest.approx(got["padded"], rel=1e-5)
+    # without real_mask, the packed rows' padding would count: a different value
+    _, out = net(packed.model_inputs(), packed.rows, packed.cols, packed.targets, 1.0)
+    assert out.router_aux != pytest.approx(got["packed"], rel=1e-5)
+
+
+def test_router_loss_weighs_each_micro_batch_by_its_share_of_the_step_trained_positions():
+    """Under gradient accumulation each micro-batch adds coef * aux * (its trained positions / the step's), so a step
+    adds coef * the positions-weighted mean of its micro-batches' aux losses, and router_aux logs that mean."""
+    from trainer.step import StudentLoss
+
+    model = student("mixtral")
+    seqs = sequences("topk")
+    a, b = collate(seqs[:3], VOCAB, None), collate(seqs[3:], VOCAB, None)
+    na, nb = a.rows.numel(), b.rows.numel()
+    net = StudentLoss(model, LossConfig(loss="fkl"))
+    alone = [net(m.model_inputs(), m.rows, m.cols, m.targets, 1.0)[1].router_aux for m in (a, b)]
+    total = (na + nb, na + nb)
+    losses = [net(m.model_inputs(), m.rows, m.cols, m.targets, 1.0, total) for m in (a, b)]
+    step = sum(out.router_aux for _, out in losses)
+    assert step == pytest.approx((alone[0] * na + alone[1] * nb) / (na + nb), rel=1e-6)
+    for (loss, out), aux, n in zip(losses, alone, (na, nb)):
+        assert loss.item() == pytest.approx(out.loss.item() + 0.02 * aux * n / (na + nb), rel=1e-6)

@@ -92,14 +92,33 @@ def select(difficulty: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.topk(difficulty, n, sorted=False).indices.sort().values
 
 
-def idts_temperatures(difficulty: torch.Tensor, base: float, scale: float) -> torch.Tensor:
-    """T_i = base * exp(-scale * tanh(ln(max(s_i / median, 1e-8)))): harder than the median -> colder.
+def idts_u(difficulty: torch.Tensor) -> torch.Tensor:
+    """u_i = tanh(ln(max(s_i / median, 1e-8))) in (-1, 1): how far a position is above (u > 0, harder) or below the
+    median difficulty. The median is torch.median's (the lower middle value for an even count).
 
-    The median is torch.median's (the lower middle value for an even count).
-    """
+    A median of 0 (half the positions or more already matched exactly) gives u = 0 for every position, so
+    T_i = T: the official code divides by it and gets NaN temperatures (0/0) or tanh(ln(inf)) = 1, which then
+    poison the loss; here such a micro-batch is distilled at the base temperature (docs/train-student.md)."""
     if difficulty.numel() == 0:
         return difficulty.new_empty(0)
     m = difficulty.median()
     ratio = torch.clamp(difficulty / m, min=1e-8) if m > 0 else torch.ones_like(difficulty)
-    u = torch.tanh(torch.log(ratio))
-    return base * torch.exp(-scale * u)
+    return torch.tanh(torch.log(ratio))
+
+
+def idts_temperatures(difficulty: torch.Tensor, base: float, scale: float) -> torch.Tensor:
+    """T_i = base * exp(-scale * u_i), u_i = `idts_u`: harder than the median -> colder for scale > 0 (the
+    published direction), hotter for scale < 0 (the official code's "soften" direction)."""
+    return base * torch.exp(-scale * idts_u(difficulty))
+
+
+SATURATED = 0.9  # |u| above this: tanh is flat there, the temperature sits at its bound T * exp(-+scale)
+
+
+def idts_summary(u: torch.Tensor, temps: torch.Tensor) -> dict[str, float]:
+    """Sums that describe IDTS over a set of distilled positions (added over micro-batches and ranks, then
+    divided): how many sit at saturated temperatures, and the temperatures of the harder and easier halves."""
+    hard, easy = u > 0, u < 0
+    return {"n": float(u.numel()), "saturated": float((u.abs() > SATURATED).sum()),
+            "hard_n": float(hard.sum()), "hard_t": float(temps[hard].sum()),
+            "easy_n": float(easy.sum()), "easy_t": float(temps[easy].sum())}

@@ -26,6 +26,7 @@ class Batch:
     cursor: Cursor  # the stream position after this batch's last sequence
     position_ids: torch.Tensor | None = None  # (B, T) int64: packed rows, restarting at each sequence; else None
     sequences: int = 0  # sequences in the batch
+    real_mask: torch.Tensor | None = None  # (B, T) bool: packed rows, true on real tokens (the router loss's mask)
 
     @property
     def computed(self) -> int:
@@ -48,7 +49,7 @@ class Batch:
             self.input_ids.to(device), move(self.attention_mask), self.rows.to(device), self.cols.to(device),
             Targets(t.topk_ids.to(device), t.topk_logprobs.to(device), t.tail_logmass.to(device), t.labels.to(device),
                     t.vocab_size, move(t.weights)),
-            self.tokens, self.cursor, move(self.position_ids), self.sequences,
+            self.tokens, self.cursor, move(self.position_ids), self.sequences, move(self.real_mask),
         )
 
 
@@ -132,7 +133,15 @@ def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor, sample
         targets.weights = torch.from_numpy(w)
         targets.tail_logmass = cat([s.rest() for s in seqs], np.float32)  # from here on: the mass outside the support
     return Batch(block["input_ids"], block.get("attention_mask"), cat(rows, np.int64), cat(cols, np.int64), targets,
-                 layout.tokens, cursor, block.get("position_ids"), len(seqs))
+                 layout.tokens, cursor, block.get("position_ids"), len(seqs), real_mask(layout) if layout.packed else None)
+
+
+def real_mask(layout: Layout) -> torch.Tensor:
+    """(rows, width) bool: true where the layout puts a sequence's token, false on each row's padding."""
+    mask = np.zeros((layout.rows, layout.width), dtype=bool)
+    for r, a, n in zip(layout.row, layout.start, layout.lengths):
+        mask[r, a:a + n] = True
+    return torch.from_numpy(mask)
 
 
 def truncate(seq: SequenceTargets, max_length: int) -> SequenceTargets | None:

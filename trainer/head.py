@@ -91,9 +91,9 @@ def _config_number(config, name: str, model: torch.nn.Module | None = None) -> f
         return float(value)
     except (TypeError, ValueError):
         family = f"{type(model).__name__} ({config.model_type})" if model is not None else config.model_type
-        raise HeadError(f"{family}: its config's {name} is {value!r}, not a number; adakd reproduces the logits of "
-                        f"families whose forward multiplies them by a numeric {name}: set a number in config.json, or "
-                        "use a model whose forward computes its logits without it") from None
+        raise HeadError(f"{family}: its config's {name} is {value!r}, not a number; adakd reads {name} as a number "
+                        "that scales the logits and checks the result against the model's own forward: write the "
+                        f"number in config.json, or remove {name} if this family's forward does not use it") from None
 
 
 def output_head(model: torch.nn.Module) -> OutputHead:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adakd import AdaKDConfig, LATFState, idts_temperatures, select
+from .adakd import AdaKDConfig, LATFState, idts_u, select
 from .head import OutputHead
 from .losses import IMPORTANCE_WEIGHTED, NEG_INF, divergence, hellinger, support_buckets, teacher_buckets, weighted_teacher
 
@@ -108,6 +108,9 @@ class LossOutput:
     temperatures: torch.Tensor  # (selected,), detached
     kd_sum: float = 0.0  # sum of T^2 * D over the selected positions
     ce_sum: float = 0.0  # sum of CE over all valid positions (when a < 1)
+    difficulties: torch.Tensor | None = None  # (valid,) AdaKD's Hellinger difficulty of every position, detached
+    idts_u: torch.Tensor | None = None  # (selected,) IDTS's tanh(ln(s / median)) of the distilled positions
+    router_aux: float | None = None  # set by the training step: an MoE student's router loss x this micro-batch's share
 
 
 def _student_support(e: torch.Tensor, zt_ids: torch.Tensor, m: torch.Tensor):
@@ -333,7 +336,7 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
     dev = hidden.device
     idx = torch.arange(N, device=dev)
     temps_sel = torch.full((N,), cfg.temperature, dtype=torch.float32, device=dev)
-    logits = row_max = None
+    logits = row_max = s = u = None
     if a > 0 and ada.enabled:
         if N <= cfg.chunk_positions:  # one chunk: make the logits once, for both passes
             with torch.no_grad():
@@ -347,7 +350,8 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
         if ada.latf:
             idx = select(s, latf.ratio if latf is not None else 1.0)
         if ada.idts:
-            temps_sel = idts_temperatures(s[idx], cfg.temperature, ada.temperature_scale).float()
+            u = idts_u(s[idx])
+            temps_sel = (cfg.temperature * torch.exp(-ada.temperature_scale * u)).float()  # = idts_temperatures
         else:
             temps_sel = temps_sel[: len(idx)]
     n = len(idx)
@@ -374,4 +378,4 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
                               row_max)
     kd_sum, ce_sum = (sums["kd"] if a > 0 else 0.0), (sums["ce"] if a < 1 else 0.0)
     return LossOutput(loss, kd_sum / n if a > 0 else 0.0, ce_sum / N if a < 1 else 0.0, N, n if a > 0 else 0,
-                      temps_sel.detach(), kd_sum, ce_sum)
+                      temps_sel.detach(), kd_sum, ce_sum, s, u)

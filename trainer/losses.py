@@ -150,21 +150,24 @@ def tvd(lp, lq, weights=None, **_):
 def akl(lp, lq, akl_mu: float = 0.5, weights=None, **_):
     """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the head and tail gaps (weights held constant).
 
-    Head: the teacher's highest-probability buckets whose cumulative mass stays within `akl_mu` (the
-    top-k buckets are already sorted; the tail bucket is always in the tail). On a weighted support (sorted
-    by descending teacher log-probability, padding last) the mass is the estimate m_b p_b and the gaps
-    are weighted by m_b; every entry may be head.
+    Head, as the official code's `get_ratio` decides it: the teacher's highest-probability buckets whose
+    cumulative mass, their own included, stays within `akl_mu`, and always the most likely one (`cum_sum >
+    mu` is the tail, then `mask[..., 0] = False`); so the bucket whose mass crosses mu is tail. The top-k
+    buckets are already sorted; the tail bucket is always in the tail. On a weighted support (sorted by
+    descending teacher log-probability, padding last) the mass is the estimate m_b p_b and the gaps are
+    weighted by m_b.
     """
     p, q = lp.exp(), lq.exp()
     if weights is None:
         head_p = p[:, :-1]
-        head = (torch.cumsum(head_p, -1) - head_p) < akl_mu  # mass before this bucket is below mu
+        head = torch.cumsum(head_p, -1) <= akl_mu
         head = torch.cat([head, torch.zeros_like(head[:, :1])], -1)
         gap = (p - q).abs().detach()
     else:
         mass = weights.to(p.dtype) * p.detach()
-        head = (torch.cumsum(mass, -1) - mass) < akl_mu
+        head = torch.cumsum(mass, -1) <= akl_mu
         gap = weights.to(p.dtype) * (p - q).abs().detach()
+    head[:, 0] = True  # the most likely bucket is head, even when it alone holds more than mu
     g_head = (gap * head).sum(-1)
     g_tail = (gap * ~head).sum(-1)
     denom = (g_head + g_tail).clamp_min(1e-12)

@@ -20,24 +20,46 @@ from .adakd import LATFState, selected_count
 from .batches import Batch
 from .distributed import all_sum
 from .errors import TrainError
-from .head import final_hidden, output_head
+from .head import base_outputs, final_hidden, output_head
 from .kd_loss import LossConfig, kd_loss
+from .router import aux_mask, router_loss
 
 
 class StudentLoss(torch.nn.Module):
-    """Wraps the student so DDP/FSDP see one forward: hidden states at trained positions -> loss."""
+    """Wraps the student so DDP/FSDP see one forward: hidden states at trained positions -> loss.
 
-    def __init__(self, model: torch.nn.Module, cfg: LossConfig):
+    A mixture-of-experts student whose family trains with a router load-balancing loss (`trainer.router`)
+    gets it added, unless `router_aux_loss` is False: coef * aux of the micro-batch's router logits, weighted
+    by the micro-batch's share of the step's trained positions (its rows / the step's, all ranks), so that a
+    step of one micro-batch on one rank adds coef * aux exactly as the family's own training does, and
+    gradient accumulation and data parallelism average it over the step's micro-batches by trained tokens,
+    as they average CE and KD. The output's `router_aux` is aux x that share (summed over the step: the logged
+    "router_aux", before the coefficient)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: LossConfig, router_aux_loss: bool = True):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.router = router_loss(model) if router_aux_loss else None
 
     def forward(self, inputs: dict[str, torch.Tensor], rows, cols, targets, latf_ratio: float,
-                denominators: tuple[float, float] | None = None):
-        hidden = final_hidden(self.model, **inputs)
+                denominators: tuple[float, float] | None = None, real_mask: torch.Tensor | None = None):
+        """`inputs`: the batch's `model_inputs()`; `real_mask`: a packed batch's real tokens (the router loss's
+        mask); `denominators`: the step's counts (`forward_backward`), default this micro-batch's own."""
+        if self.router is None:
+            hidden = final_hidden(self.model, **inputs)
+        else:
+            base = base_outputs(self.model, **inputs, output_router_logits=True)
+            hidden = base.last_hidden_state
+            aux = self.router(base.router_logits, aux_mask(inputs, real_mask))
         out = kd_loss(hidden[rows, cols], output_head(self.model), targets, self.cfg, LATFState(ratio=latf_ratio),
                       denominators)
-        return out.loss, out
+        loss = out.loss
+        if self.router is not None:
+            share = rows.numel() / denominators[0] if denominators is not None else 1.0
+            loss = loss + (self.router.coef * share) * aux.to(loss.dtype)
+            out.router_aux = float(aux.detach()) * share
+        return loss, out
 
 
 def step_counts(micro: list[Batch], cfg: LossConfig, latf_ratio: float) -> tuple[int, int]:
@@ -57,6 +79,7 @@ class StepResult:
     temperatures: torch.Tensor  # this rank's per-position temperatures (cpu)
     tokens: int  # this rank's real tokens
     computed: int  # this rank's computed tokens (rows x width)
+    router_aux: float | None = None  # an MoE student's router loss over the step (all ranks), before its coefficient
 
 
 def forward_backward(net: torch.nn.Module, micro: list[Batch], cfg: LossConfig, latf_ratio: float, world: int,
@@ -64,25 +87,28 @@ def forward_backward(net: torch.nn.Module, micro: list[Batch], cfg: LossConfig, 
     """Forward and backward over one optimizer step's micro-batches; gradients accumulate in the parameters."""
     valid, selected = all_sum(list(step_counts(micro, cfg, latf_ratio)), world, device)
     denominators = (max(valid, 1.0), max(selected, 1.0))
-    kd_sum = ce_sum = 0.0
-    temps, sel, val, tokens, computed = [], 0, 0, 0, 0
+    kd_sum = ce_sum = aux_sum = 0.0
+    temps, sel, val, tokens, computed, has_aux = [], 0, 0, 0, 0, False
     for b in micro:
         b = b.to(device)
         with autocast:
             if live is not None:
                 b.targets = live.targets(b)
-            loss, o = net(b.model_inputs(), b.rows, b.cols, b.targets, latf_ratio, denominators)
+            loss, o = net(b.model_inputs(), b.rows, b.cols, b.targets, latf_ratio, denominators, b.real_mask)
         if not torch.isfinite(loss):
             raise TrainError(f"step {step}: the loss is {loss.item()} (not finite); lower --lr or check "
                              "the cache with `adakd verify`; the last checkpoint is intact")
         (loss * world).backward()  # DDP/FSDP average over ranks; the loss is already this rank's share of the sum
         kd_sum += o.kd_sum
         ce_sum += o.ce_sum
+        if o.router_aux is not None:
+            aux_sum += o.router_aux
+            has_aux = True
         temps.append(o.temperatures.cpu())
         sel += o.selected
         val += o.valid
         tokens += b.tokens
         computed += b.computed
-    kd_sum, ce_sum = all_sum([kd_sum, ce_sum], world, device)
+    kd_sum, ce_sum, aux_sum = all_sum([kd_sum, ce_sum, aux_sum], world, device)
     return StepResult(kd_sum / denominators[1], ce_sum / denominators[0], sel, val,
-                      torch.cat(temps) if temps else torch.zeros(0), tokens, computed)
+                      torch.cat(temps) if temps else torch.zeros(0), tokens, computed, aux_sum if has_aux else None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from common.packing import packing_error
+from common.packing import Rows, packing_error, rows_for
 from storage import CacheInfo, CacheReader
 
 from .head import HeadError, check_head
@@ -48,7 +48,7 @@ def load_student(spec: str, trust_remote_code: bool = False, seed: int = 0, opti
     except Exception as e:
         raise StudentError(f"{option} {spec!r}: cannot load the model ({type(e).__name__}: {e})") from e
     try:
-        check_head(model, "student" if option == "--student" else "model")
+        check_head(model, {"--student": "student", "--teacher": "teacher"}.get(option, "model"))
     except HeadError as e:
         raise StudentError(f"{option} {spec}: {e}") from e
     return model
@@ -197,9 +197,10 @@ def check_context(model: torch.nn.Module, reader: CacheReader, max_length: int |
 
 
 def packed_rows(row_tokens: int | None, *models: tuple[str, torch.nn.Module], doing: str = "training",
-                quiet: bool = False) -> int | None:
-    """`row_tokens` when every model's forward takes packed rows exactly (`common.packing.packing_error`), else
-    None (padded rows, one sequence each) with a one-line note naming the first model that cannot and why."""
+                quiet: bool = False) -> Rows | None:
+    """Rows of `row_tokens` (`common.packing.rows_for`: shared within the models' attention chunks, if any) when every
+    model's forward takes packed rows exactly (`common.packing.packing_error`), else None (padded rows, one
+    sequence each) with a one-line note naming the first model that cannot and why."""
     if row_tokens is None:
         return None
     for what, model in models:
@@ -209,7 +210,7 @@ def packed_rows(row_tokens: int | None, *models: tuple[str, torch.nn.Module], do
                 print(f"note: {what} {type(model).__name__} ({model.config.model_type}): {why}; {doing} on padded rows, "
                       "one sequence each (as --no-packing)", file=sys.stderr, flush=True)
             return None
-    return row_tokens
+    return rows_for(row_tokens, *(m for _, m in models))
 
 
 def save_student(model: torch.nn.Module, tokenizer, out: str, state_dict: dict | None = None) -> None:

@@ -63,6 +63,7 @@ class TrainConfig:
     trust_remote_code: bool = False
     live_teacher: str | None = None  # teacher dir: exact full-vocabulary targets computed live (measurement only)
     max_length: int | None = None  # cut longer cache sequences to this many tokens (a student with a shorter context)
+    router_aux_loss: bool = True  # an MoE student's router load-balancing loss, as its family's training adds it (trainer.router)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +140,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                              *([("--live-teacher", live.model)] if live else []), quiet=rank != 0)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.student)
-    net = StudentLoss(model, cfg.loss)
+    net = StudentLoss(model, cfg.loss, cfg.router_aux_loss)
     if world > 1:
         if cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -219,6 +220,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "temp_max": float(t.max()) if len(t) else None,
                     "tokens_per_s": tokens_since / max(now - t_last, 1e-9) * world,
                     "real_fraction": tokens_since / max(computed_since, 1),
+                    "router_aux": res.router_aux,  # None: the student has no router loss
                 }
                 t_last, tokens_since, computed_since = now, 0, 0
                 log.step(record, t)
