@@ -129,7 +129,11 @@ Guide: docs/train-student.md""")
 @click.option("--no-idts", is_flag=True, help="AdaKD without per-token temperatures (ablation).")
 @click.option("--kd-weight", type=float, default=1.0, show_default=True, help="a in (1 - a) * CE + a * KD; 0 is plain fine-tuning.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Base distillation temperature.")
-@click.option("--temperature-scale", type=float, default=0.5, show_default=True, help="IDTS scale c.")
+@click.option("--temperature-scale", type=float, default=0.5, show_default=True, help="IDTS scale c in T_i = T exp(-c tanh(ln(s_i / median))): harder-than-median positions colder for c > 0 (published), hotter for c < 0 (the official code's \"soften\" direction).")
+@click.option("--latf-eps", type=float, default=0.05, show_default=True, help="LATF: relative change of the KD loss's moving average that moves the ratio (eps).")
+@click.option("--latf-step", type=float, default=0.05, show_default=True, help="LATF: the ratio is multiplied by 1 - step (loss falling) or 1 + step (rising) (sigma).")
+@click.option("--latf-decay", type=float, default=0.99, show_default=True, help="LATF: decay of the KD loss's moving average.")
+@click.option("--latf-floor", type=float, default=0.1, show_default=True, help="LATF: the smallest share of positions distilled.")
 @click.option("--jsd-beta", type=float, default=0.1, show_default=True, help="JSD: the teacher's weight in the mixture.")
 @click.option("--skew", type=float, default=0.1, show_default=True, help="Skew KL weight.")
 @click.option("--abkd-alpha", type=float, default=0.2, show_default=True, help="abkd: alpha, the power of the teacher's probabilities (>= 0; alpha 1, beta 0 is forward KL).")
@@ -195,7 +199,8 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             akl_mu=o["akl_mu"], abkd_alpha=o["abkd_alpha"], abkd_beta=o["abkd_beta"], chunk_positions=o["chunk_positions"],
             sampled_estimator=o["sampled_estimator"],
             adakd=AdaKDConfig(latf=o["adakd"] and not o["no_latf"], idts=o["adakd"] and not o["no_idts"],
-                              temperature_scale=o["temperature_scale"]),
+                              temperature_scale=o["temperature_scale"], loss_ratio_eps=o["latf_eps"],
+                              ratio_step=o["latf_step"], ema_decay=o["latf_decay"], min_ratio=o["latf_floor"]),
         )
         cfg = TrainConfig(
             cache=o["cache"], student=o["student"], out=o["out"], loss=loss, lr=o["lr"], weight_decay=o["weight_decay"],

@@ -24,7 +24,6 @@ Everything lands in one directory (default `runs/demo`). Nothing is downloaded; 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shlex
@@ -106,6 +105,7 @@ class DemoConfig:
     transfer_deterministic: int = 200
     test_items: int = 100
     samples: int = 64  # draws per position of the sampled cache
+    batch_tokens: int = 1024  # train-student's micro-batch
     engine: str = "hf"
     jobs: int = 2
 
@@ -289,18 +289,26 @@ WHAT = {  # one sentence per row: what it shows (in the default run; README and 
 }
 
 
-def demo(cfg: DemoConfig) -> dict:
+@dataclass
+class Setup:
+    """What every student of a run shares: the task, the teacher, the student start and the per-seed caches."""
+
+    cfg: DemoConfig
+    out: Path
+    tok: object
+    truth: dict[str, dict[str, float]]
+    test_file: Path
+    log: object
+    jobs: ThreadPoolExecutor
+    threads: int
+
+
+def prepare(cfg: DemoConfig, log) -> Setup:
+    """Steps 1-3: the task, the teacher, the student start, and per seed a transfer set with its two caches."""
     out = Path(cfg.out)
     if out.exists():
         shutil.rmtree(out)
     (out / "data").mkdir(parents=True)
-    lines: list[str] = []
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        lines.append(msg)
-
-    t0 = time.time()
     truth = distributions()
     rng = random.Random(7)
     test = []
@@ -319,8 +327,8 @@ def demo(cfg: DemoConfig) -> dict:
              "teacher")
     train_lm(model_config(len(tok), 64, 2, tok), tok, pretraining_draw(truth), cfg.pretrain_steps, 1,
              out / "student-start", log, "student start")
-    jobs = ThreadPoolExecutor(cfg.jobs)
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    setup = Setup(cfg, out, tok, truth, test_file, log, ThreadPoolExecutor(cfg.jobs),
+                  max(1, (os.cpu_count() or 1) // cfg.jobs))
     log(f"[3/5] per seed: a transfer set ({len(truth) * cfg.transfer_repeats} distributional + "
         f"{cfg.transfer_deterministic} deterministic items) and cache-teacher on it: top-16 and sampled (N = {cfg.samples})")
 
@@ -331,30 +339,54 @@ def demo(cfg: DemoConfig) -> dict:
         for kind, extra in (("topk", ["--top-k", "16"]), ("sampled", ["--targets", "sampled", "--samples", str(cfg.samples)])):
             run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(d / "transfer.jsonl"), "--out",
                  str(d / f"cache-{kind}"), "--engine", cfg.engine, "--prompt-template", TEMPLATE, "--no-progress", *extra],
-                log, threads)
+                log, setup.threads)
 
-    list(jobs.map(caches, range(cfg.seeds)))
-    log(f"[4/5] train-student x {len(METHODS) * cfg.seeds} ({len(METHODS)} methods x {cfg.seeds} seeds, "
-        f"{cfg.student_steps} steps each, from the student start; {cfg.jobs} at a time)")
+    list(setup.jobs.map(caches, range(cfg.seeds)))
+    return setup
+
+
+def train_students(setup: Setup, methods: dict[str, tuple[str, list[str]]], steps: int | None = None) -> None:
+    """Every method x seed, `train-student` from the student start (`cfg.jobs` at a time), into seed<s>/<slug>."""
+    cfg = setup.cfg
 
     def student(task: tuple[int, str]) -> None:
         seed, name = task
-        kind, extra = METHODS[name]
-        d = out / f"seed{seed}"
-        run([bin_("train-student"), "--cache", str(d / f"cache-{kind}"), "--student", str(out / "student-start"),
-             "--out", str(d / slug(name)), "--max-steps", str(cfg.student_steps), "--batch-tokens", "1024", "--lr",
-             "3e-3", "--seed", str(seed), "--no-progress", *extra], log, threads)
+        kind, extra = methods[name]
+        d = setup.out / f"seed{seed}"
+        run([bin_("train-student"), "--cache", str(d / f"cache-{kind}"), "--student", str(setup.out / "student-start"),
+             "--out", str(d / slug(name)), "--max-steps", str(steps or cfg.student_steps), "--batch-tokens",
+             str(cfg.batch_tokens), "--lr", "3e-3", "--seed", str(seed), "--no-progress", *extra], setup.log, setup.threads)
 
-    list(jobs.map(student, [(s, m) for s in range(cfg.seeds) for m in METHODS]))
-    jobs.shutdown()
+    list(setup.jobs.map(student, [(s, m) for s in range(cfg.seeds) for m in methods]))
+
+
+def score_students(setup: Setup, names) -> dict[str, list[Scores]]:
+    """Each trained student of these methods, every seed, scored exactly against the truth."""
+    return {name: [score(setup.out / f"seed{s}" / slug(name) / "final", setup.tok, setup.truth, setup.test_file,
+                         setup.out / f"seed{s}" / slug(name) / "generations.jsonl") for s in range(setup.cfg.seeds)]
+            for name in names}
+
+
+def demo(cfg: DemoConfig) -> dict:
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    t0 = time.time()
+    setup = prepare(cfg, log)
+    out, tok, truth, test_file = setup.out, setup.tok, setup.truth, setup.test_file
+    log(f"[4/5] train-student x {len(METHODS) * cfg.seeds} ({len(METHODS)} methods x {cfg.seeds} seeds, "
+        f"{cfg.student_steps} steps each, from the student start; {cfg.jobs} at a time)")
+    train_students(setup, METHODS)
+    setup.jobs.shutdown()
     log("[5/5] scoring: exact answer distributions against the truth, greedy exact match on held-out items")
     results: dict[str, list[Scores]] = {
         "teacher": [score(out / "teacher", tok, truth, test_file, out / "teacher_generations.jsonl")],
         "student start": [score(out / "student-start", tok, truth, test_file, out / "start_generations.jsonl")],
     }
-    for name in METHODS:
-        results[name] = [score(out / f"seed{s}" / slug(name) / "final", tok, truth, test_file,
-                               out / f"seed{s}" / slug(name) / "generations.jsonl") for s in range(cfg.seeds)]
+    results.update(score_students(setup, METHODS))
     summary = {name: _summary(rows) for name, rows in results.items()}
     table = _table(summary, cfg)
     for row in table:
@@ -385,8 +417,8 @@ def _cell(s: dict, pct: bool) -> str:
 
 
 def _table(summary: dict, cfg: DemoConfig) -> list[str]:
-    rows = [f"| model | valid answers (%) | distance to the true answer distribution (TV, 0 = exact) | "
-            f"exact match, deterministic items (%) | what it shows |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| model | valid answers (%) | distance to the true answer distribution (TV, 0 = exact) | "
+            "exact match, deterministic items (%) | what it shows |", "| --- | --- | --- | --- | --- |"]
     for name, s in summary.items():
         rows.append(f"| {name} | {_cell(s['valid'], True)} | {_cell(s['distance'], False)} | "
                     f"{_cell(s['exact_match'], True)} | {WHAT[name]} |")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from pathlib import Path
 
 SHARED = Path(os.environ.get("ADAKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -69,6 +71,41 @@ def step_memory(step, device) -> dict:
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def t_cdf(x: float, df: int) -> float:
+    """Student's t distribution function (Simpson's rule on the density; |error| < 1e-9 for the quantiles used)."""
+    if x < 0:
+        return 1.0 - t_cdf(-x, df)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+    n = 4000
+    h = x / n
+    s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+    return 0.5 + s * h / 3
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection."""
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(cache: list[float], live: list[float]) -> dict:
+    """Mean of the per-seed differences a - b (paired by seed) and its 95% t-interval over seeds (None with one seed)."""
+    if len(cache) != len(live) or not cache:
+        raise ValueError("paired differences need the same seeds on both sides")
+    d = [a - b for a, b in zip(cache, live)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"mean": mean, "ci95": None, "diffs": d}
+    half = t_quantile(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "diffs": d}
 
 
 def replace_block(path: Path, begin: str, end: str, body: str, heading: str = "") -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars, as the CLI does
 
-from bench.common import SHARED, replace_block, save_figure  # noqa: E402
+from bench.common import SHARED, paired, replace_block, save_figure, t_cdf, t_quantile  # noqa: E402,F401
 from demo import bin_, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,41 +114,6 @@ def cache_args(source: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def t_cdf(x: float, df: int) -> float:
-    """Student's t distribution function (Simpson's rule on the density; |error| < 1e-9 for the quantiles used)."""
-    if x < 0:
-        return 1.0 - t_cdf(-x, df)
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
-    n = 4000
-    h = x / n
-    s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
-    return 0.5 + s * h / 3
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection."""
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def paired(cache: list[float], live: list[float]) -> dict:
-    """Mean of the per-seed differences cache - live and its 95% t-interval over seeds (None with one seed)."""
-    if len(cache) != len(live) or not cache:
-        raise ValueError("paired differences need the same seeds on both sides")
-    d = [a - b for a, b in zip(cache, live)]
-    mean = statistics.fmean(d)
-    if len(d) < 2:
-        return {"mean": mean, "ci95": None, "diffs": d}
-    half = t_quantile(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "diffs": d}
 
 
 def trajectory_gap(cache_log: list[dict], live_log: list[dict], key: str = "kd") -> float:

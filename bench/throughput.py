@@ -425,6 +425,7 @@ def main() -> None:
     ap.add_argument("--parity", type=int, default=64, help="sequences scored alone for the numeric parity")
     ap.add_argument("--quick", action="store_true", help="tiny students and few tokens: seconds (for the tests)")
     ap.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
+    ap.add_argument("--save", default=None, help="also write the figures measured so far to this JSON file after each part")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import transformers
@@ -445,11 +446,14 @@ def main() -> None:
     res = {"bench": "throughput", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "batch_tokens": args.batch_tokens, "row_tokens": args.row_tokens, "repeats": args.repeats,
            "tokens": args.tokens, "quick": args.quick}
-    res["training"] = training(args, device)
-    res["row_sweep"] = row_sweep(args, device)
-    res["memory"] = memory(args)
-    res["checkpointing"] = checkpointing(args, device)
-    res["capture"] = capture(args, device)
+    parts = {"training": lambda: training(args, device), "row_sweep": lambda: row_sweep(args, device),
+             "memory": lambda: memory(args), "checkpointing": lambda: checkpointing(args, device),
+             "capture": lambda: capture(args, device)}
+    for name, part in parts.items():
+        res[name] = part()
+        if args.save:  # each part as it ends: a failure later keeps what was measured
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.save).write_text(json.dumps(res))
     body = res["training"]["body"]["shapes"]
     res["targets"] = {
         "real_fraction_ge_0.95": min(r["packed"]["stream_real_fraction"] for r in body.values()) >= 0.95,

@@ -362,7 +362,7 @@ def test_abkd_parameters_out_of_range_are_refused(option, field, value):
 
 # ---- LATF warm-up counting against the official loop ---------------------------------------------------------
 
-def official_latf(losses, total, warmup_iters, decay=0.99, loss_ratio_eps=0.05, sample_ratio_eps=0.05):
+def official_latf(losses, total, warmup_iters, decay=0.99, loss_ratio_eps=0.05, sample_ratio_eps=0.05, floor=0.1):
     """SassyRong/AdaKD distillation.py's finetune loop, LATF lines only, transcribed literally (gradient
     accumulation 1, so one iteration = one optimizer step). Returns (ratio, reference) after each iteration."""
     step, global_step = 1, 1
@@ -380,7 +380,7 @@ def official_latf(losses, total, warmup_iters, decay=0.99, loss_ratio_eps=0.05, 
                 sample_ratio = min(sample_ratio * (1 + sample_ratio_eps), 1.0)
                 prev_interval_ema_loss = cur_ema_loss
             elif delta_ema_loss > loss_eps:
-                sample_ratio = max(sample_ratio * (1 - sample_ratio_eps), 0.1)
+                sample_ratio = max(sample_ratio * (1 - sample_ratio_eps), floor)  # 0.1 in the official code
                 prev_interval_ema_loss = cur_ema_loss
         elif prev_interval_ema_loss is None and global_step > warmup_iters * total:
             prev_interval_ema_loss = cur_ema_loss
@@ -429,6 +429,50 @@ def test_latf_reference_is_set_at_the_official_iteration(total, fraction, iterat
     first = next((s + 1 for s in range(total) if past_warmup(s, total, fraction)), None)
     assert first == iteration
     assert all(past_warmup(s, total, fraction) for s in range(first or total, total))  # monotone
+
+
+@pytest.mark.parametrize("eps,step,decay,floor", [(0.02, 0.1, 0.9, 0.3), (0.0, 0.2, 0.5, 0.05), (0.1, 0.01, 0.0, 1.0)])
+def test_latf_knobs_act_as_in_the_official_loop(eps, step, decay, floor):
+    """--latf-eps/-step/-decay/-floor are the official loop's loss_ratio_eps, sample_ratio_eps, decay and 0.1."""
+    total = 120
+    losses = _loss_curve(total)
+    ref = official_latf(losses, total, 0.05, decay=decay, loss_ratio_eps=eps, sample_ratio_eps=step, floor=floor)
+    cfg = AdaKDConfig(loss_ratio_eps=eps, ratio_step=step, ema_decay=decay, min_ratio=floor)
+    st, ours = LATFState(), []
+    for s in range(total):
+        latf_update(st, losses[s], past_warmup=past_warmup(s, total, 0.05), cfg=cfg)
+        ours.append((st.ratio, st.reference))
+    assert ours == ref
+    assert min(r for r, _ in ours) >= floor
+    assert ours != official_latf(losses, total, 0.05)  # the knobs change the trajectory
+
+
+@pytest.mark.parametrize("field,value,option", [("loss_ratio_eps", -0.1, "--latf-eps"), ("ratio_step", 0.0, "--latf-step"),
+                                                ("ratio_step", 1.0, "--latf-step"), ("ema_decay", 1.0, "--latf-decay"),
+                                                ("min_ratio", 0.0, "--latf-floor"), ("min_ratio", 1.5, "--latf-floor"),
+                                                ("temperature_scale", float("nan"), "--temperature-scale")])
+def test_adakd_knobs_out_of_range_are_refused(field, value, option):
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        AdaKDConfig(**{field: value})
+
+
+def test_idts_with_a_median_difficulty_of_zero_keeps_the_base_temperature():
+    """The official code divides by the median: 0/0 = NaN temperatures; here the micro-batch gets T (documented)."""
+    from trainer.adakd import idts_temperatures, idts_u
+
+    s = torch.tensor([0.0, 0.0, 0.0, 0.4, 0.9])
+    assert torch.equal(idts_u(s), torch.zeros(5)) and torch.equal(idts_temperatures(s, 2.0, 0.5), torch.full((5,), 2.0))
+    official = torch.tanh(torch.log(s / s.median()))  # what the official code computes
+    assert torch.isnan(official[:3]).all()
+
+
+def test_negative_temperature_scale_heats_the_harder_positions():
+    from trainer.adakd import idts_temperatures
+
+    s = torch.tensor([0.1, 0.2, 0.4, 0.8])
+    cold, hot = idts_temperatures(s, 1.0, 0.5), idts_temperatures(s, 1.0, -0.5)
+    assert cold[-1] < 1 < cold[0] and hot[-1] > 1 > hot[0]
+    torch.testing.assert_close(cold * hot, torch.ones(4))  # exp(-c u) exp(c u) = 1
 
 
 def test_latf_trajectory_exercises_both_directions():

@@ -395,3 +395,27 @@ def test_gradient_checkpointing_under_torchrun(setup, tmp_path, fsdp):
         assert r.returncode == 0, r.stderr[-3000:]
         losses[name] = [x["loss"] for x in log(out)]
     assert len(losses["ckpt"]) == 3 and losses["ckpt"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", ["0.5", "-0.5"])
+def test_adakd_diagnostics_in_the_log_and_the_knobs_in_the_state(setup, tmp_path, scale):
+    """What LATF and IDTS do is in every step's line: the harder half colder than the easier with the published
+    scale (hotter with a negative one), the saturated share, the difficulty quantiles, LATF's moving average and
+    reference (set past the warm-up); the LATF knobs reach the run."""
+    out = tmp_path / "d"
+    train(setup, out, "--max-steps", "12", "--lr", "3e-3", "--temperature-scale", scale, "--latf-eps", "0.01",
+          "--latf-step", "0.2", "--latf-decay", "0.5", "--latf-floor", "0.3", "--warmup-fraction", "0.25", "--plot")
+    rows = log(out)
+    for r in rows:
+        assert (r["temp_hard"] < 1.0 < r["temp_easy"]) if scale == "0.5" else (r["temp_hard"] > 1.0 > r["temp_easy"])
+        assert 0.0 <= r["temp_saturated"] <= 1.0
+        assert 0.0 <= r["difficulty_p10"] <= r["difficulty_p50"] <= r["difficulty_p90"] <= 1.0
+        assert r["latf_ema"] is not None and r["latf_ratio"] >= 0.3
+    assert rows[0]["latf_reference"] is None and rows[-1]["latf_reference"] is not None  # set at step 4 (0.25 x 12)
+    cfg = json.loads((out / "checkpoints" / "step-000012" / "state.json").read_text())["config"]["loss"]["adakd"]
+    assert (cfg["loss_ratio_eps"], cfg["ratio_step"], cfg["ema_decay"], cfg["min_ratio"]) == (0.01, 0.2, 0.5, 0.3)
+    assert cfg["temperature_scale"] == float(scale)
+    assert (out / "train_plot.png").read_bytes()[:4] == b"\x89PNG"
+    plain = tmp_path / "plain"
+    train(setup, plain, "--max-steps", "2", "--no-adakd")
+    assert all(r["temp_hard"] is None and r["difficulty_p50"] is None and r["temp_saturated"] is None for r in log(plain))

@@ -14,13 +14,26 @@ import torch
 
 @dataclass
 class AdaKDConfig:
+    """The published values are the defaults (../shared/reference/adakd.md)."""
+
     latf: bool = True
     idts: bool = True
-    loss_ratio_eps: float = 0.05  # eps: relative loss change that moves the ratio
-    ratio_step: float = 0.05  # sigma
-    ema_decay: float = 0.99  # d
-    min_ratio: float = 0.1
-    temperature_scale: float = 0.5  # c
+    loss_ratio_eps: float = 0.05  # eps (--latf-eps): relative change of the loss's moving average that moves r
+    ratio_step: float = 0.05  # sigma (--latf-step): r is multiplied by 1 -+ sigma
+    ema_decay: float = 0.99  # d (--latf-decay): the moving average E = d E + (1 - d) loss
+    min_ratio: float = 0.1  # the floor of r (--latf-floor)
+    temperature_scale: float = 0.5  # c (--temperature-scale): T_i = T exp(-c u_i); c < 0: the official "soften"
+
+    def __post_init__(self) -> None:
+        checks = (("--latf-eps", self.loss_ratio_eps, 0.0 <= self.loss_ratio_eps < 1, "within [0, 1)"),
+                  ("--latf-step", self.ratio_step, 0.0 < self.ratio_step < 1, "within (0, 1)"),
+                  ("--latf-decay", self.ema_decay, 0.0 <= self.ema_decay < 1, "within [0, 1)"),
+                  ("--latf-floor", self.min_ratio, 0.0 < self.min_ratio <= 1, "within (0, 1]"),
+                  ("--temperature-scale", self.temperature_scale, math.isfinite(self.temperature_scale)
+                   and abs(self.temperature_scale) <= 5, "a number within [-5, 5]"))
+        for option, value, ok, what in checks:
+            if not ok:
+                raise ValueError(f"{option} must be {what}, not {value}")
 
     @property
     def enabled(self) -> bool:

@@ -329,10 +329,13 @@ def kd_loss(hidden: torch.Tensor, head: OutputHead | torch.Tensor, t: Targets, c
     weight = head.weight
     N = hidden.shape[0]
     a = cfg.kd_weight
-    if N == 0:
-        zero = hidden.sum() * 0.0 + weight.sum() * 0.0 + (head.bias.sum() * 0.0 if head.bias is not None else 0.0)
-        return LossOutput(zero, 0.0, 0.0, 0, 0, hidden.new_zeros(0, dtype=torch.float32))
     ada = cfg.adakd
+    if N == 0:  # the same fields as a batch with positions, empty (ranks add them up alike)
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0 + (head.bias.sum() * 0.0 if head.bias is not None else 0.0)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        on = a > 0 and ada.enabled
+        return LossOutput(zero, 0.0, 0.0, 0, 0, empty, difficulties=empty if on else None,
+                          idts_u=empty if on and ada.idts else None)
     dev = hidden.device
     idx = torch.arange(N, device=dev)
     temps_sel = torch.full((N,), cfg.temperature, dtype=torch.float32, device=dev)

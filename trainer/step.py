@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adakd import LATFState, selected_count
+from .adakd import LATFState, idts_summary, selected_count
 from .batches import Batch
 from .distributed import all_sum
 from .errors import TrainError
@@ -80,6 +80,23 @@ class StepResult:
     tokens: int  # this rank's real tokens
     computed: int  # this rank's computed tokens (rows x width)
     router_aux: float | None = None  # an MoE student's router loss over the step (all ranks), before its coefficient
+    idts: dict[str, float] | None = None  # `idts_summary` sums over the step (all ranks); None without IDTS
+    difficulty: torch.Tensor | None = None  # this rank's difficulties of every trained position (AdaKD on), cpu
+
+    def diagnostics(self) -> dict[str, float | None]:
+        """What AdaKD did in this step, for the log: IDTS's saturated share and the mean temperatures of the
+        positions harder and easier than the median; the difficulty quantiles (this rank's positions)."""
+        out: dict[str, float | None] = dict.fromkeys(("temp_saturated", "temp_hard", "temp_easy", "difficulty_p10",
+                                                       "difficulty_p50", "difficulty_p90"))
+        s = self.idts
+        if s is not None and s["n"]:
+            out["temp_saturated"] = s["saturated"] / s["n"]
+            out["temp_hard"] = s["hard_t"] / s["hard_n"] if s["hard_n"] else None
+            out["temp_easy"] = s["easy_t"] / s["easy_n"] if s["easy_n"] else None
+        if self.difficulty is not None and self.difficulty.numel():
+            q = torch.quantile(self.difficulty.float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+            out["difficulty_p10"], out["difficulty_p50"], out["difficulty_p90"] = q
+        return out
 
 
 def forward_backward(net: torch.nn.Module, micro: list[Batch], cfg: LossConfig, latf_ratio: float, world: int,
@@ -89,6 +106,8 @@ def forward_backward(net: torch.nn.Module, micro: list[Batch], cfg: LossConfig, 
     denominators = (max(valid, 1.0), max(selected, 1.0))
     kd_sum = ce_sum = aux_sum = 0.0
     temps, sel, val, tokens, computed, has_aux = [], 0, 0, 0, 0, False
+    idts: dict[str, float] | None = None
+    difficulty = []
     for b in micro:
         b = b.to(device)
         with autocast:
@@ -104,11 +123,19 @@ def forward_backward(net: torch.nn.Module, micro: list[Batch], cfg: LossConfig, 
         if o.router_aux is not None:
             aux_sum += o.router_aux
             has_aux = True
+        if o.idts_u is not None:
+            part = idts_summary(o.idts_u, o.temperatures)
+            idts = part if idts is None else {k: idts[k] + v for k, v in part.items()}
+        if o.difficulties is not None:
+            difficulty.append(o.difficulties.detach().cpu())
         temps.append(o.temperatures.cpu())
         sel += o.selected
         val += o.valid
         tokens += b.tokens
         computed += b.computed
-    kd_sum, ce_sum, aux_sum = all_sum([kd_sum, ce_sum, aux_sum], world, device)
+    keys = sorted(idts) if idts is not None else []
+    kd_sum, ce_sum, aux_sum, *idts_sums = all_sum([kd_sum, ce_sum, aux_sum, *(idts[k] for k in keys)], world, device)
     return StepResult(kd_sum / denominators[1], ce_sum / denominators[0], sel, val,
-                      torch.cat(temps) if temps else torch.zeros(0), tokens, computed, aux_sum if has_aux else None)
+                      torch.cat(temps) if temps else torch.zeros(0), tokens, computed, aux_sum if has_aux else None,
+                      dict(zip(keys, idts_sums)) if idts is not None else None,
+                      torch.cat(difficulty) if difficulty else None)

@@ -6,15 +6,12 @@ bfloat16 autocast on GPU, float32 on CPU. Resuming from a checkpoint continues e
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.packing import DEFAULT_ROW_TOKENS
@@ -26,6 +23,7 @@ from .batches import Batch, batches
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
 from .errors import TrainError
 from .kd_loss import LossConfig
+from .runlog import RunLog
 from .step import StudentLoss, forward_backward
 from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, packed_rows,
                       student_tokenizer, target_vocab)
@@ -171,7 +169,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise TrainError(f"{ckpt}: saved with {st.get('world')} process(es), resumed with {world}; use the same world size")
         step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
         cursor = Cursor.from_json(st["cursors"][rank]) if st["cursors"][rank] else None
-    log = _Log(out, rank, cfg, total, step)
+    log = RunLog(out, rank, cfg, total, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     t_last, tokens_since, computed_since = time.perf_counter(), 0, 0
     stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
@@ -215,12 +213,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 record = {
                     "step": step, "epoch": epoch, "loss": (1 - a) * ce + a * kd, "kd": kd,
                     "ce": ce, "lr": lr, "grad_norm": float(gnorm),
-                    "latf_ratio": latf.ratio, "selected": res.selected, "valid": res.valid,
+                    "latf_ratio": latf.ratio, "latf_ema": latf.ema, "latf_reference": latf.reference,
+                    "selected": res.selected, "valid": res.valid,
                     "temp_mean": float(t.mean()) if len(t) else None, "temp_min": float(t.min()) if len(t) else None,
                     "temp_max": float(t.max()) if len(t) else None,
                     "tokens_per_s": tokens_since / max(now - t_last, 1e-9) * world,
                     "real_fraction": tokens_since / max(computed_since, 1),
                     "router_aux": res.router_aux,  # None: the student has no router loss
+                    **res.diagnostics(),
                 }
                 t_last, tokens_since, computed_since = now, 0, 0
                 log.step(record, t)
@@ -320,115 +320,6 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
-
-
-def _open_log(path: Path, start: int):
-    """The step log for appending, without the steps after `start` that an interrupted run logged past its
-    last checkpoint (they are run again), so every step appears once."""
-    if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= start:
-                    keep.append(line + "\n")
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line torn by a kill
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
-    return open(path, "a")
-
-
-class _Log:
-    """JSONL per step (rank 0), a progress bar, optional TensorBoard, and data for --plot."""
-
-    def __init__(self, out: Path, rank: int, cfg: TrainConfig, total: int, start: int):
-        self.rank, self.cfg, self.out = rank, cfg, out
-        self.last: dict[str, Any] = {}
-        self.history: list[dict[str, Any]] = []
-        self.temp_hist = np.zeros(60)
-        self.file = self.bar = self.tb = None
-        if rank != 0:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        self.file = _open_log(out / "train_log.jsonl", start)
-        if cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", desc="train-student", dynamic_ncols=True)
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-
-    def step(self, rec: dict[str, Any], temps: torch.Tensor) -> None:
-        self.last = rec
-        if self.rank != 0:
-            return
-        self.history.append(rec)
-        if len(temps):
-            T = self.cfg.loss.temperature
-            self.temp_hist += np.histogram(temps.numpy(), bins=60, range=(T * 0.5, T * 2.0))[0]
-        if rec["step"] % self.cfg.log_every == 0:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {rec['loss']:.4f}, latf {rec['latf_ratio']:.2f}, {rec['tokens_per_s']:,.0f} tok/s",
-                                     refresh=False)
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        if self.rank != 0:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.cfg.plot and self.history:
-            T = self.cfg.loss.temperature
-            cfg = self.cfg
-            title = (f"{self.out.name}: {cfg.loss.loss}" + (" + AdaKD" if cfg.loss.adakd.enabled else "")
-                     + f", a = {cfg.loss.kd_weight:g}, T = {T:g}, student {Path(cfg.student).name}")
-            plot_training(self.history, self.temp_hist, T, str(self.out / "train_plot.png"), title, cfg.loss.kd_weight)
-            hist = {"edges": np.linspace(T * 0.5, T * 2.0, len(self.temp_hist) + 1).tolist(), "counts": self.temp_hist.tolist()}
-            (self.out / "temperatures.json").write_text(json.dumps(hist))  # this run's steps, for comparisons across runs
-
-
-def plot_training(history: list[dict[str, Any]], temp_hist: np.ndarray, base_t: float, path: str, title: str = "",
-                  kd_weight: float = 1.0) -> None:
-    """Loss, LATF ratio and temperatures, one quantity per axis (KD and CE are different quantities)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in history]
-    ce = kd_weight < 1
-    fig, ax = plt.subplots(1, 4 if ce else 3, figsize=(18 if ce else 14, 4.2))
-    ax[0].plot(steps, [r["kd"] for r in history], color="#3366aa")
-    ax[0].set(title="KD loss (distilled positions)", xlabel="optimizer step", ylabel="mean T_i² · D (nats)")
-    panels = ax[1:]
-    if ce:
-        panels[0].plot(steps, [r["ce"] for r in history], color="#444444")
-        panels[0].set(title="cross-entropy of the true tokens", xlabel="optimizer step", ylabel="nats per position")
-        panels = panels[1:]
-    panels[0].plot(steps, [r["latf_ratio"] for r in history], color="#aa3366")
-    panels[0].set(title="LATF: share of positions distilled", xlabel="optimizer step", ylabel="ratio r", ylim=(0, 1.05))
-    edges = np.linspace(base_t * 0.5, base_t * 2.0, len(temp_hist) + 1)
-    panels[1].bar(edges[:-1], temp_hist, width=np.diff(edges), align="edge", color="#3366aa")
-    panels[1].set(title="IDTS per-token temperatures, all steps", xlabel="temperature T_i", ylabel="distilled positions")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 __all__ = ["AdaKDConfig", "Batch", "LossConfig", "TrainConfig", "TrainError", "train"]
