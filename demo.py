@@ -14,9 +14,12 @@ truth, and greedy exact match on held-out deterministic items.
 3. Per seed, a small transfer set: each distributional prompt a couple of times with one sampled answer (what
    cross-entropy learns from) and some deterministic items; `cache-teacher` stores the teacher's distribution
    on it (what KD learns from): a top-16 cache and a sampled cache (64 draws per position).
-4. `train-student` from that start: CE only, forward KL, reverse KL, AdaKD over each, and forward KL from the
-   sampled cache; 2 at a time.
-5. The table (mean and spread over seeds), a plot, and as the last line one JSON object with every figure.
+4. `train-student` from that start: CE only; forward KL and reverse KL, each alone, with AdaKD, with LATF only
+   and with IDTS only; IDTS softened (a labelled ablation, not a default); forward KL from the sampled cache;
+   2 at a time.
+5. The table (mean and spread over seeds), one sentence per row built from what was measured (the paired
+   difference from the run it changes one thing of, and AdaKD's diagnostics from its step logs), a plot, and as
+   the last line one JSON object with every figure.
 
 Everything lands in one directory (default `runs/demo`). Nothing is downloaded; nothing from ../shared.
 """
@@ -202,9 +205,29 @@ METHODS = {  # name -> (cache, train-student options)
     "CE only": ("topk", ["--kd-weight", "0", "--no-adakd"]),
     "forward KL": ("topk", ["--loss", "fkl", "--no-adakd"]),
     "AdaKD over forward KL": ("topk", ["--loss", "fkl", "--adakd"]),
+    "LATF only over forward KL": ("topk", ["--loss", "fkl", "--adakd", "--no-idts"]),
+    "IDTS only over forward KL": ("topk", ["--loss", "fkl", "--adakd", "--no-latf"]),
     "reverse KL": ("topk", ["--loss", "rkl", "--no-adakd"]),
     "AdaKD over reverse KL": ("topk", ["--loss", "rkl", "--adakd"]),
+    "LATF only over reverse KL": ("topk", ["--loss", "rkl", "--adakd", "--no-idts"]),
+    "IDTS only over reverse KL": ("topk", ["--loss", "rkl", "--adakd", "--no-latf"]),
+    "ablation: softened IDTS over reverse KL": ("topk", ["--loss", "rkl", "--adakd", "--no-latf",
+                                                         "--temperature-scale", "-0.5"]),
     "forward KL, sampled cache": ("sampled", ["--loss", "fkl", "--no-adakd"]),
+}
+BASE = {  # each row is compared with the run it changes one thing of (same seeds: paired)
+    "forward KL": "CE only", "reverse KL": "CE only", "forward KL, sampled cache": "forward KL",
+    **{n: ("reverse KL" if "reverse" in n else "forward KL") for n in METHODS if "over" in n},
+}
+HOW = {  # what each row changes: its own words; the table's sentence adds what it measured
+    "teacher": "trained on many samples per prompt: the answer distributions it learned are the target",
+    "student start": "the shared pre-trained start: it can spell every answer, but was never asked the prompts",
+    "CE only": "the transfer set's one sampled answer per copy",
+    "forward KL": "the teacher's top-16 distribution at every answer position",
+    "reverse KL": "the same targets, mode-seeking from the student's side",
+    "forward KL, sampled cache": "64 teacher draws per position instead of the top-16",
+    "ablation: softened IDTS over reverse KL": "not a default: IDTS with --temperature-scale -0.5 (harder positions "
+                                               "hotter, the official code's soften direction)",
 }
 
 
@@ -271,22 +294,6 @@ def run(cmd: list[str], log, threads: int | None = None) -> str:
     if r.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     return r.stdout
-
-
-WHAT = {  # one sentence per row: what it shows (in the default run; README and docs/results.md have the figures)
-    "teacher": "trained on many samples per prompt: it knows the answer distributions (the target)",
-    "student start": "the shared pre-trained start: it can spell every answer, but was never asked the prompts",
-    "CE only": "learns the one sampled answer of each copy: the most valid answers, but the transfer set's "
-               "proportions, not the truth's",
-    "forward KL": "the teacher's distribution at every answer position: the closest to the truth, though some mass "
-                  "goes to answers it cannot finish",
-    "AdaKD over forward KL": "forward KL on the hardest positions at per-token temperatures: close to the truth, a "
-                             "little behind plain forward KL here",
-    "reverse KL": "mode-seeking from the student's side: slow to move mass onto valid answers in these steps",
-    "AdaKD over reverse KL": "the slowest here: LATF narrows the positions trained while the loss is still falling",
-    "forward KL, sampled cache": "64 teacher draws per position instead of the top-16: as close to the truth as "
-                                 "forward KL from the top-16",
-}
 
 
 @dataclass
@@ -388,6 +395,9 @@ def demo(cfg: DemoConfig) -> dict:
     }
     results.update(score_students(setup, METHODS))
     summary = {name: _summary(rows) for name, rows in results.items()}
+    for name in METHODS:
+        summary[name]["adakd"] = _adakd_diagnostics([out / f"seed{s}" / slug(name) / "train_log.jsonl"
+                                                     for s in range(cfg.seeds)])
     table = _table(summary, cfg)
     for row in table:
         log(row)
@@ -401,6 +411,49 @@ def demo(cfg: DemoConfig) -> dict:
                "kd_beats_ce": verdict.startswith("KD beats")}
     print(json.dumps(figures), flush=True)
     return figures
+
+
+def _adakd_diagnostics(logs: list[Path]) -> dict:
+    """What AdaKD did in a method's runs (their step logs): IDTS's saturated share and the harder half's mean
+    temperature, averaged over steps and seeds; LATF's final ratio."""
+    rows = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
+    mean = lambda key: statistics.fmean(v) if (v := [r[key] for r in rows if r.get(key) is not None]) else None  # noqa: E731
+    finals = [json.loads(f.read_text().splitlines()[-1])["latf_ratio"] for f in logs]
+    return {"saturated": mean("temp_saturated"), "temp_hard": mean("temp_hard"), "final_ratio": statistics.fmean(finals)}
+
+
+def what(name: str, summary: dict) -> str:
+    """One sentence per row, true by construction: what the row changes, and what was measured against the row it
+    changes (the same seeds: the mean paired difference in TV distance, and whether its sign holds on every seed)."""
+    if name in ("teacher", "student start"):
+        return HOW[name]
+    if name in HOW:
+        head = HOW[name]
+    else:
+        parts = [p for p in ("LATF", "IDTS") if p in name] if "only" in name else ["LATF", "IDTS"]
+        head = " + ".join(parts) + " with the published values"
+    s = summary[name]
+    base = BASE.get(name)
+    text = head
+    if base:
+        d = [a - b for a, b in zip(s["distance"]["seeds"], summary[base]["distance"]["seeds"])]
+        v = [a - b for a, b in zip(s["valid"]["seeds"], summary[base]["valid"]["seeds"])]
+        mean_d = statistics.fmean(d)
+        if len(d) > 1 and all(x < 0 for x in d):
+            verdict = "closer to the truth on every seed"
+        elif len(d) > 1 and all(x > 0 for x in d):
+            verdict = "farther from the truth on every seed"
+        else:
+            verdict = "no difference that holds on every seed"
+        text += (f"; against {base}: TV {mean_d:+.3f}, valid answers {100 * statistics.fmean(v):+.1f} points "
+                 f"({verdict})")
+    a = s.get("adakd") or {}
+    if a.get("temp_hard") is not None:
+        text += (f"; IDTS held {a['saturated']:.0%} of distilled positions at saturated temperatures, the harder "
+                 f"half at T = {a['temp_hard']:.2f} on average")
+    if a.get("final_ratio") is not None and a["final_ratio"] < 1 and "LATF" in text:
+        text += f"; LATF ended distilling {a['final_ratio']:.0%} of the positions"
+    return text
 
 
 def _summary(rows: list[Scores]) -> dict:
@@ -421,7 +474,7 @@ def _table(summary: dict, cfg: DemoConfig) -> list[str]:
             "exact match, deterministic items (%) | what it shows |", "| --- | --- | --- | --- | --- |"]
     for name, s in summary.items():
         rows.append(f"| {name} | {_cell(s['valid'], True)} | {_cell(s['distance'], False)} | "
-                    f"{_cell(s['exact_match'], True)} | {WHAT[name]} |")
+                    f"{_cell(s['exact_match'], True)} | {what(name, summary)} |")
     rows.append(f"\nStudents: mean ± standard deviation over {cfg.seeds} seeds (each seed its own transfer set and "
                 "data order).")
     return rows

@@ -372,8 +372,9 @@ def numeric_parity(teacher: str, items, engines: dict, device) -> dict:
 
 
 def report(res: dict, args) -> str:
-    lines = [f"## Training throughput, padded vs packed (`python -m bench.throughput`, {res['device']}, "
-             f"--batch-tokens {args.batch_tokens}, --row-tokens {args.row_tokens}, medians of {args.repeats})", ""]
+    lines = [f"Measured by `python -m bench.throughput` ({res['device']}, --batch-tokens {args.batch_tokens}, "
+             f"--row-tokens {args.row_tokens}, {args.tokens:,} real tokens of each stream per round, medians of "
+             f"{args.repeats} rounds):", ""]
     lines.append("| student | data | layout | real / computed tokens (slice; whole stream) | CE real tok/s | "
                  "AdaKD-RKL real tok/s | step memory (MiB) |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
