@@ -301,7 +301,7 @@ Example:
 @click.option("--out", default="runs/demo", show_default=True, help="Directory for everything the demo makes.")
 @click.option("--fast", is_flag=True, help="A tiny variant (seconds, for tests): the numbers mean nothing.")
 @click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="hf", show_default=True, help="Teacher engine for the demo's cache-teacher runs (hf: they are tiny, and a vLLM start per cache would cost more than the caches).")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds (transfer sets and data orders) per student method.")
+@click.option("--seeds", type=int, default=2, show_default=True, help="Seeds (transfer sets and data orders) per student method (python -m bench.ablation compares AdaKD's parts over 3, with intervals).")
 def demo(out: str, fast: bool, engine: str, seeds: int) -> None:
     """The whole pipeline offline on a built-in task where the truth is known: a teacher, its caches, students
     trained by CE, forward/reverse KL and AdaKD over each, scored against the true answer distributions."""

@@ -22,6 +22,7 @@ from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
 from .batches import Batch, batches
 from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
 from .errors import TrainError
+from .head import base_model
 from .kd_loss import LossConfig
 from .runlog import RunLog
 from .step import StudentLoss, forward_backward
@@ -143,7 +144,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for layer in getattr(getattr(model, model.base_model_prefix), "layers", []):
+            for layer in getattr(base_model(model), "layers", []):
                 fully_shard(layer)
             fully_shard(net)
         else:
