@@ -220,7 +220,9 @@ def main() -> None:
         from .throughput import real_lengths
 
         Path(args.write_lengths).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_lengths).write_text(json.dumps(real_lengths("dolly").tolist()))
+        dolly = real_lengths("dolly").tolist()
+        Path(args.write_lengths).write_text(json.dumps(dolly))
+        print(json.dumps({"wrote": args.write_lengths, "sequences": len(dolly)}))
         return
     import transformers
 

@@ -27,7 +27,6 @@ def test_throughput_quick():
         for shape in ("dolly", "tinystories"):
             r = res["training"][student]["shapes"][shape]
             assert r["packed"]["real_tokens"] == r["padded"]["real_tokens"] > 0  # the same token stream
-            assert r["packed"]["computed_tokens"] <= r["padded"]["computed_tokens"]
             assert r["packed"]["ce_tokens_per_s"] > 0 and r["kd_over_ce_packed"] > 0
     assert res["training"]["body"]["shapes"]["dolly"]["packed"]["stream_real_fraction"] > \
         res["training"]["body"]["shapes"]["dolly"]["padded"]["stream_real_fraction"]

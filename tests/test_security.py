@@ -57,6 +57,8 @@ def test_planted_pickles_are_never_opened(fault_training, tmp_path, monkeypatch)
 
     for mod, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         monkeypatch.setattr(mod, name, refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference ran (faultkit: OMP_NUM_THREADS=1): the same float reductions
     cache = tmp_path / "cache"
     shutil.copytree(setup.cache, cache)
     for rel in ("evil.pkl", "shards/00000-999999.pkl", "tokenizer/evil.pkl"):
@@ -73,6 +75,7 @@ def test_planted_pickles_are_never_opened(fault_training, tmp_path, monkeypatch)
     r = CliRunner().invoke(cli.main, ["train-student", *argv], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert not marker.exists()
+    torch.set_num_threads(threads)
     assert not train_final_problems(out, reference)  # resumed from the planted checkpoint, exactly
     assert verify_cache(cache).ok and not marker.exists()
 
