@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-DEFAULT_ROW_TOKENS = 1024  # docs/train-student.md "Batches": the fastest row length on CPU with >= 0.95 real tokens (bench.throughput)
+DEFAULT_ROW_TOKENS = 1024  # the fastest in bench.throughput's sweep on CPU, 96% real tokens (docs/train-student.md)
 
 
 @dataclass
@@ -71,6 +71,13 @@ class Layout:
                 mask[r, :n] = 1
             out["attention_mask"] = mask
         return {k: torch.from_numpy(v) for k, v in out.items()}
+
+    def real_mask(self) -> torch.Tensor:
+        """(rows, width) bool: true where a sequence's token is, false on the padding."""
+        mask = np.zeros((self.rows, self.width), dtype=bool)
+        for r, a, n in zip(self.row, self.start, self.lengths):
+            mask[r, a:a + n] = True
+        return torch.from_numpy(mask)
 
     def place(self, i: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, columns) in the block of sequence i's positions."""
@@ -257,33 +264,25 @@ def packing_error(model: torch.nn.Module, tokens: int = 24) -> str | None:
     long = min(long, limit)
     short = min(tokens // 2 + 1, limit)
     gen = torch.Generator().manual_seed(17)
-    seqs = [torch.randint(3, max(vocab, 4), (n,), generator=gen) for n in (short, long, long - 3, short + 2)]
+    lengths = [short, long, long - 3, short + 2]
+    seqs = [torch.randint(3, max(vocab, 4), (n,), generator=gen).numpy() for n in lengths]
     device = next(model.parameters()).device
-    rows = [[seqs[0], seqs[1]], [seqs[2], seqs[3]]]
-    width = max(sum(len(s) for s in r) for r in rows) + 3
-    layout_ids = torch.zeros(2, width, dtype=torch.long)
-    pos = torch.zeros(2, width, dtype=torch.long)
-    spans = []
-    for r, row in enumerate(rows):
-        a = 0
-        for s in row:
-            layout_ids[r, a:a + len(s)] = s
-            pos[r, a:a + len(s)] = torch.arange(len(s))
-            spans.append((r, a, len(s)))
-            a += len(s)
-        pos[r, a:] = torch.arange(width - a)
+    # two rows of two sequences each and a padding run of 3: the layout the trainer's batches use
+    layout = Layout(np.array([0, 0, 1, 1]), np.array([0, short, 0, long - 3]), np.array(lengths), 2,
+                    max(short + long, long - 3 + short + 2) + 3, packed=True)
+    block = {k: v.to(device) for k, v in layout.block(seqs).items()}
     was_training = model.training
     model.eval()
     opts = forward_options(model)
     try:
-        packed = model(input_ids=layout_ids.to(device), position_ids=pos.to(device), **opts).logits.float()
-        alone = [model(input_ids=s[None].to(device), **opts).logits[0].float() for r in rows for s in r]
+        packed = model(**block, **opts).logits.float()
+        alone = [model(input_ids=torch.from_numpy(s)[None].to(device), **opts).logits[0].float() for s in seqs]
     except Exception as e:  # a forward that refuses position ids or a mask-less call
         return f"its forward does not run on packed rows ({type(e).__name__}: {str(e)[:120]})"
     finally:
         model.train(was_training)
     err, scale = 0.0, 1.0
-    for (r, a, n), ref in zip(spans, alone):
+    for r, a, n, ref in zip(layout.row, layout.start, layout.lengths, alone):
         err = max(err, (packed[r, a:a + n] - ref).abs().max().item())
         scale = max(scale, ref.abs().max().item())
     dtype = next(model.parameters()).dtype

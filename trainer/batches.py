@@ -133,15 +133,7 @@ def collate(seqs: list[SequenceTargets], vocab_size: int, cursor: Cursor, sample
         targets.weights = torch.from_numpy(w)
         targets.tail_logmass = cat([s.rest() for s in seqs], np.float32)  # from here on: the mass outside the support
     return Batch(block["input_ids"], block.get("attention_mask"), cat(rows, np.int64), cat(cols, np.int64), targets,
-                 layout.tokens, cursor, block.get("position_ids"), len(seqs), real_mask(layout) if layout.packed else None)
-
-
-def real_mask(layout: Layout) -> torch.Tensor:
-    """(rows, width) bool: true where the layout puts a sequence's token, false on each row's padding."""
-    mask = np.zeros((layout.rows, layout.width), dtype=bool)
-    for r, a, n in zip(layout.row, layout.start, layout.lengths):
-        mask[r, a:a + n] = True
-    return torch.from_numpy(mask)
+                 layout.tokens, cursor, block.get("position_ids"), len(seqs), layout.real_mask() if layout.packed else None)
 
 
 def truncate(seq: SequenceTargets, max_length: int) -> SequenceTargets | None:
