@@ -7,7 +7,7 @@ import sys
 
 import click
 
-import storage
+from adakd import storage
 
 # transformers' "Loading weights" bars on every model load are noise in a command's output (our own bars stay)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -70,8 +70,8 @@ Guide: docs/cache-teacher.md""")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 def cache_teacher_cmd(**o) -> None:
     """Stage one: run the teacher over a dataset and write (or resume) a cache."""
-    from pipeline.capture import CaptureConfig, DataError, EngineError, cache_teacher
-    from pipeline.data import DataSpec
+    from adakd.pipeline.capture import CaptureConfig, DataError, EngineError, cache_teacher
+    from adakd.pipeline.data import DataSpec
 
     spec = DataSpec(
         source=o["data"], split=o["split"], config=o["data_config"], shape=o["shape"], prompt_field=o["prompt_field"],
@@ -106,7 +106,7 @@ def cache_teacher_cmd(**o) -> None:
 def _finish(code: int) -> None:
     """Exit; after vLLM ran, skip interpreter teardown, where vLLM's CPU build can abort
     ("terminate called without an active exception"). Everything written is already fsynced."""
-    engine = sys.modules.get("pipeline.engine_vllm")
+    engine = sys.modules.get("adakd.pipeline.engine_vllm")
     if engine is not None and engine.STARTED["engine"]:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -117,7 +117,7 @@ def _finish(code: int) -> None:
 @main.command("train-student", context_settings=CONTEXT, short_help="Stage two: train a student from a cache (AdaKD).", epilog="""\b
 Example (a 2-layer student of the teacher's shape, random init, AdaKD over reverse KL):
   train-student --cache runs/stories-train --student runs/student.json --out runs/student --max-steps 300
-Under torchrun: torchrun --nproc_per_node 8 -m cli train-student --config run.yaml
+Under torchrun: torchrun --nproc_per_node 8 -m adakd.cli train-student --config run.yaml
 Guide: docs/train-student.md""")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (names as below, dashes or underscores); command-line options override it.")
 @click.option("--cache", help="Cache written by cache-teacher.")
@@ -168,10 +168,10 @@ Guide: docs/train-student.md""")
 @click.pass_context
 def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     """Stage two: train a student on a cache with sparse-target KD and AdaKD (resumes from OUT/checkpoints)."""
-    from trainer.adakd import AdaKDConfig
-    from trainer.checkpoint import CheckpointError, check_writable
-    from trainer.kd_loss import LossConfig
-    from trainer.train import TrainConfig, TrainError, train
+    from adakd.trainer.adakd import AdaKDConfig
+    from adakd.trainer.checkpoint import CheckpointError, check_writable
+    from adakd.trainer.kd_loss import LossConfig
+    from adakd.trainer.train import TrainConfig, TrainError, train
 
     if config_file:
         import yaml
@@ -256,11 +256,11 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
     --data), and/or by generation (--data)."""
     import json
 
-    from trainer.evaluate import EvalDataError, evaluate_cache, evaluate_generation
-    from trainer.student import StudentError
+    from adakd.trainer.evaluate import EvalDataError, evaluate_cache, evaluate_generation
+    from adakd.trainer.student import StudentError
 
     if teacher_dir:
-        from trainer.teacher_eval import evaluate_teacher, format_line
+        from adakd.trainer.teacher_eval import evaluate_teacher, format_line
 
         if bool(cache) == bool(data):
             raise click.ClickException("with --teacher give one held-out input: --cache CACHE (its sequences) or "
@@ -305,7 +305,7 @@ Example:
 def demo(out: str, fast: bool, engine: str, seeds: int) -> None:
     """The whole pipeline offline on a built-in task where the truth is known: a teacher, its caches, students
     trained by CE, forward/reverse KL and AdaKD over each, scored against the true answer distributions."""
-    import demo as demo_mod
+    from adakd import demo as demo_mod
 
     if seeds < 1:
         raise click.BadParameter("must be at least 1", param_hint="--seeds")

@@ -270,7 +270,7 @@ def answer_scores(model_dir: Path, tok, truth: dict[str, dict[str, float]]) -> t
 
 
 def exact_match(model_dir: Path, test_file: Path, out_file: Path) -> float:
-    from trainer.evaluate import evaluate_generation
+    from adakd.trainer.evaluate import evaluate_generation
 
     return evaluate_generation(str(model_dir), str(test_file), str(out_file), max_new_tokens=8, batch_size=64)["exact_match"]
 

@@ -57,7 +57,7 @@ def diagnostics(log_file: Path) -> dict:
 
 
 def run(args) -> dict:
-    import demo
+    from adakd import demo
 
     cfg = demo.DemoConfig(out=args.out, seeds=args.seeds, student_steps=args.steps)
     if args.quick:

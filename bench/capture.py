@@ -61,8 +61,8 @@ def dolly(out: Path, n: int) -> Path:
 def tokenized(teacher: Path, data: Path, max_length: int):
     from transformers import AutoTokenizer
 
-    from pipeline.data import DataSpec, iter_records, load_dataset
-    from pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.pipeline.data import DataSpec, iter_records, load_dataset
+    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
 
     spec = DataSpec(source=str(data))
     tok = RecordTokenizer(AutoTokenizer.from_pretrained(teacher), max_length)
@@ -98,7 +98,7 @@ def reference_vllm(engine, seqs) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from pipeline.engine_vllm import _FastPath
+    from adakd.pipeline.engine_vllm import _FastPath
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=1, flat_logprobs=True, detokenize=False)
     prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in seqs]
@@ -109,8 +109,8 @@ def reference_vllm(engine, seqs) -> float:
 
 
 def end_to_end(engine, teacher: Path, data: Path, max_length: int) -> tuple[float, int]:
-    from pipeline.capture import CaptureConfig, cache_teacher
-    from pipeline.data import DataSpec
+    from adakd.pipeline.capture import CaptureConfig, cache_teacher
+    from adakd.pipeline.data import DataSpec
 
     out = Path(tempfile.mkdtemp(prefix="adakd-bench-"))
     try:
@@ -124,12 +124,12 @@ def end_to_end(engine, teacher: Path, data: Path, max_length: int) -> tuple[floa
 
 def measure_engine(name: str, teacher: Path, data: Path, seqs, max_length: int, repeats: int) -> tuple[dict, object]:
     if name == "hf":
-        from pipeline.engine_hf import HFEngine
+        from adakd.pipeline.engine_hf import HFEngine
 
         engine = HFEngine(str(teacher), K)
         ref_fn = reference_hf
     else:
-        from pipeline.engine_vllm import VLLMEngine
+        from adakd.pipeline.engine_vllm import VLLMEngine
 
         engine = VLLMEngine(str(teacher), K, max_model_len=max_length + 1)
         ref_fn = reference_vllm
@@ -147,7 +147,7 @@ def measure_engine(name: str, teacher: Path, data: Path, seqs, max_length: int, 
                 e2es.append(tokens / wall)
     sample = None
     if name == "vllm":
-        from pipeline.engine_vllm import _FastPath
+        from adakd.pipeline.engine_vllm import _FastPath
 
         from vllm import SamplingParams  # noqa: F401
 
@@ -170,11 +170,11 @@ def ceiling(sample, repeats: int) -> dict:
     from vllm.v1.engine.logprobs import LogprobsProcessor
     from vllm.v1.outputs import LogprobsTensors
 
-    from pipeline.capture import _sequence
-    from pipeline.engine_vllm import VLLMEngine, _FastPath
-    from storage import Encoding
-    from storage.shard import encode_shard
-    from storage.writer import validate_sequence
+    from adakd.pipeline.capture import _sequence
+    from adakd.pipeline.engine_vllm import VLLMEngine, _FastPath
+    from adakd.storage import Encoding
+    from adakd.storage.shard import encode_shard
+    from adakd.storage.writer import validate_sequence
 
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
@@ -226,19 +226,19 @@ KINDS = {"topk": dict(k=K), "sampled": dict(k=0, targets="sampled", samples=64),
 
 def sampling_cost(name: str, teacher: Path, data: Path, max_length: int, repeats: int) -> dict:
     """tokens/s of cache-teacher per target kind with one engine per kind kept loaded, and ratios to top-k."""
-    from pipeline.capture import CaptureConfig, _sampler, cache_teacher, vllm_batch_tokens
-    from pipeline.data import DataSpec
+    from adakd.pipeline.capture import CaptureConfig, _sampler, cache_teacher, vllm_batch_tokens
+    from adakd.pipeline.data import DataSpec
 
     cfgs = {kind: CaptureConfig(teacher=str(teacher), data=DataSpec(source=str(data)), out="", engine=name,
                                 max_length=max_length, show_progress=False, **o) for kind, o in KINDS.items()}
     engines = {}
     for kind, cfg in cfgs.items():
         if name == "hf":
-            from pipeline.engine_hf import HFEngine
+            from adakd.pipeline.engine_hf import HFEngine
 
             engines[kind] = HFEngine(str(teacher), cfg.k, sampler=_sampler(cfg))
         else:
-            from pipeline.engine_vllm import VLLMEngine
+            from adakd.pipeline.engine_vllm import VLLMEngine
 
             engines[kind] = VLLMEngine(str(teacher), cfg.k, max_model_len=max_length + 1, sampler=_sampler(cfg),
                                        batch_tokens=vllm_batch_tokens(cfg, 50257))

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def staggered() -> list:
-    from pipeline.tokens import Tokenized
+    from adakd.pipeline.tokens import Tokenized
 
     rng = np.random.default_rng(0)
     out = []
@@ -78,7 +78,7 @@ def load_engine(variant: str, teacher: Path, engine_file: str | None):
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod.HFEngine(str(teacher), K)
-    from pipeline.engine_hf import HFEngine
+    from adakd.pipeline.engine_hf import HFEngine
 
     return HFEngine(str(teacher), K)
 

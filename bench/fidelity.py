@@ -45,7 +45,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' per-load bars, as the CLI does
 
 from bench.common import SHARED, paired, replace_block, save_figure, t_cdf, t_quantile  # noqa: E402,F401
-from demo import bin_, run  # noqa: E402
+from adakd.demo import bin_, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = SHARED / "models" / "stories260K"
@@ -183,7 +183,7 @@ def student_config(out: Path, layers: int) -> Path:
 
 def make_cache(data: str, out: Path, source: str, limit: int | None, log, threads: int, reuse: bool) -> None:
     if reuse and any(out.glob("manifest-*.json")):
-        from storage import CacheReader
+        from adakd.storage import CacheReader
 
         if CacheReader(str(out)).manifest.complete:
             return
@@ -194,7 +194,7 @@ def make_cache(data: str, out: Path, source: str, limit: int | None, log, thread
 
 
 def cache_info(cache: Path) -> dict:
-    from storage import summarize as summarize_cache
+    from adakd.storage import summarize as summarize_cache
 
     s = summarize_cache(str(cache))
     t = s.totals
@@ -220,7 +220,7 @@ def read_log(out: Path) -> list[dict]:
 
 
 def evaluate(model: Path, heldout: Path, cfg: FidelityConfig) -> dict:
-    from trainer.teacher_eval import evaluate_teacher
+    from adakd.trainer.teacher_eval import evaluate_teacher
 
     return evaluate_teacher(str(model), str(TEACHER), cache=str(heldout), max_positions=cfg.eval_positions)
 

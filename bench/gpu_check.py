@@ -85,9 +85,9 @@ def slice_of(ls: list[int], tokens: int) -> list[int]:
 @torch.no_grad()
 def parity(m, seqs, vocab: int, device) -> dict:
     """Logits at the trained positions, packed vs padded, in bfloat16 autocast (device) and float32."""
-    from common.packing import layout_of
-    from trainer.batches import collate
-    from trainer.head import final_hidden, output_head
+    from adakd.common.packing import layout_of
+    from adakd.trainer.batches import collate
+    from adakd.trainer.head import final_hidden, output_head
 
     lens = [len(s.input_ids) for s in seqs]
     packed = collate(seqs, vocab, None, layout=layout_of(lens, 8 * 1024, 1024)).to(device)
@@ -174,9 +174,9 @@ def checkpointing(spec, device, clock: Clock) -> dict:
 
 
 def capture(m, ls, spec, device, clock: Clock) -> dict:
-    from common.packing import grouped, planner
-    from pipeline.engine_hf import HFEngine
-    from pipeline.tokens import Tokenized
+    from adakd.common.packing import grouped, planner
+    from adakd.pipeline.engine_hf import HFEngine
+    from adakd.pipeline.tokens import Tokenized
 
     rng = np.random.default_rng(1)
     items = []

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from bench.common import SHARED, replace_block, save_figure
-from demo import bin_, run
+from adakd.demo import bin_, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_TAG = "teacher"
@@ -131,8 +131,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def tokenized(path: Path, tok, max_length: int):
     """The records as cache-teacher tokenizes them (same prompt handling, masks, truncation)."""
-    from pipeline.data import DataSpec, iter_records, load_dataset
-    from pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.pipeline.data import DataSpec, iter_records, load_dataset
+    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
 
     spec = DataSpec(source=str(path))
     rt = RecordTokenizer(tok, max_length)
@@ -449,7 +449,7 @@ def _params(model_dir: Path) -> int:
 
 
 def _positions(cache: Path) -> int:
-    from storage import CacheReader
+    from adakd.storage import CacheReader
 
     return CacheReader(str(cache)).manifest.totals()["positions"]
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import zstandard
 
-from storage import Encoding, SequenceTargets
-from storage.shard import ShardFile, encode_shard
+from adakd.storage import Encoding, SequenceTargets
+from adakd.storage.shard import ShardFile, encode_shard
 
 from .common import SHARED, one_core
 
@@ -61,7 +61,7 @@ def teacher_targets(records: int, kmax: int) -> tuple[list[np.ndarray], list[np.
 def sampled_sequences(source: str, records: int, configs: list[tuple[int, int]]) -> dict[tuple[int, int], list]:
     """Per (k, N): the teacher's head and draws on `records` texts of `source` (tinystories or dolly), every
     position trained; drawn with cache-teacher's sampler (seeded per record)."""
-    from pipeline.sampling import Sampler, draw
+    from adakd.pipeline.sampling import Sampler, draw
 
     out: dict[tuple[int, int], list] = {c: [] for c in configs}
     for r, (ids, lp, tgt) in enumerate(teacher_rows(source, records)):
@@ -83,7 +83,7 @@ def sampled_sequences(source: str, records: int, configs: list[tuple[int, int]])
 def measure_sampled(seqs: list[SequenceTargets], k: int, n: int, vocab: int, repeats: int, zstd_level: int) -> dict:
     import copy
 
-    from storage.writer import validate_sequence
+    from adakd.storage.writer import validate_sequence
 
     kind = "topk" if n == 0 else ("hybrid" if k else "sampled")
     enc = Encoding(k=k, vocab_size=vocab, zstd_level=zstd_level) if n == 0 else Encoding(
@@ -217,7 +217,7 @@ def main() -> None:
 
 def sampled_rows(args) -> list[dict]:
     """The sampled/hybrid rows (cache-teacher's zstd level for them, 9) and top-64 beside them, per source."""
-    from pipeline.capture import SAMPLED_ZSTD_LEVEL
+    from adakd.pipeline.capture import SAMPLED_ZSTD_LEVEL
 
     configs = [tuple(int(x) for x in c.split("+")) for c in args.sampled.split(",")]
     rows = []

@@ -82,7 +82,7 @@ def stream_lengths(shape: str, tokens: int | None, seed: int = 0) -> list[int]:
 
 def sequences(lengths: list[int], vocab: int, seed: int = 0):
     """SequenceTargets with random ids, every position after the first trained, synthetic sorted top-k targets."""
-    from storage import SequenceTargets
+    from adakd.storage import SequenceTargets
 
     rng = np.random.default_rng(seed)
     out = []
@@ -99,8 +99,8 @@ def sequences(lengths: list[int], vocab: int, seed: int = 0):
 
 
 def batches(seqs, vocab: int, budget: int, row_tokens: int | None):
-    from common.packing import grouped, planner
-    from trainer.batches import collate
+    from adakd.common.packing import grouped, planner
+    from adakd.trainer.batches import collate
 
     return [collate(g, vocab, None, layout=lay)
             for g, lay in grouped(seqs, lambda s: len(s.input_ids), planner(budget, row_tokens))]
@@ -108,7 +108,7 @@ def batches(seqs, vocab: int, budget: int, row_tokens: int | None):
 
 def layout_fraction(shape: str, budget: int, row_tokens: int | None) -> float:
     """Real tokens / computed tokens over the shape's whole stream."""
-    from common.packing import grouped, planner
+    from adakd.common.packing import grouped, planner
 
     real = computed = 0
     for _, lay in grouped(stream_lengths(shape, None), int, planner(budget, row_tokens)):
@@ -134,8 +134,8 @@ def student(name: str, quick: bool, max_positions: int = 8192, seed: int = 0):
 
 
 def loss_config(name: str):
-    from trainer.adakd import AdaKDConfig
-    from trainer.kd_loss import LossConfig
+    from adakd.trainer.adakd import AdaKDConfig
+    from adakd.trainer.kd_loss import LossConfig
 
     if name == "ce":
         return LossConfig(kd_weight=0.0, adakd=AdaKDConfig(latf=False, idts=False))
@@ -146,7 +146,7 @@ class Trainer:
     """One optimizer step per micro-batch of a student, as train-student takes it (StudentLoss, AdamW)."""
 
     def __init__(self, model, device, checkpointing: bool = False):
-        from trainer.step import StudentLoss
+        from adakd.trainer.step import StudentLoss
 
         self.model = model.to(device).train()
         if checkpointing:
@@ -310,8 +310,8 @@ def checkpointing(args, device) -> dict:
 
 def capture(args, device) -> dict:
     """The hf engine (the body model as teacher, top-64) over the dolly slice: real tokens/s padded vs packed."""
-    from pipeline.engine_hf import HFEngine
-    from pipeline.tokens import Tokenized
+    from adakd.pipeline.engine_hf import HFEngine
+    from adakd.pipeline.tokens import Tokenized
 
     model, vocab = student("body", args.quick)
     lengths = stream_lengths("dolly", args.tokens * 2)
@@ -325,7 +325,7 @@ def capture(args, device) -> dict:
         model.save_pretrained(d, safe_serialization=True)
         engines = {lay: HFEngine(d, K, dtype="auto", device=device.type, batch_tokens=args.batch_tokens,
                                  row_tokens=rt) for lay, rt in (("padded", None), ("packed", args.row_tokens))}
-        from common.packing import grouped, planner
+        from adakd.common.packing import grouped, planner
 
         plans = {lay: [g for g, _ in grouped(items, lambda t: len(t.input_ids), planner(e.batch_tokens, e.row_tokens))]
                  for lay, e in engines.items()}
@@ -351,8 +351,8 @@ def numeric_parity(teacher: str, items, engines: dict, device) -> dict:
     """What a batch's layout changes in the cached numbers: each layout's targets against the teacher run on every
     sequence alone (no padding, no neighbour): the largest log-probability difference and how often the top-k
     ids (in order) are the same."""
-    from common.packing import grouped, planner
-    from pipeline.engine_hf import HFEngine
+    from adakd.common.packing import grouped, planner
+    from adakd.pipeline.engine_hf import HFEngine
 
     alone = HFEngine(teacher, K, dtype="auto", device=device.type, batch_tokens=1, row_tokens=None)
     ref = [alone.score([t])[0] for t in items]
@@ -431,7 +431,7 @@ def main() -> None:
     args = ap.parse_args()
     import transformers
 
-    from common.packing import DEFAULT_ROW_TOKENS
+    from adakd.common.packing import DEFAULT_ROW_TOKENS
 
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars between the table's lines
     args.sweep = [int(x) for x in (args.sweep or ("128,256" if args.quick else "512,1024,2048,4096")).split(",")]

@@ -53,7 +53,7 @@ def build(args):
     lp = teacher.log_softmax(-1)
     v, i = lp.topk(K, -1)
     tail = torch.log1p(-v.exp().sum(-1).clamp(max=1 - 1e-7))
-    from trainer.kd_loss import Targets
+    from adakd.trainer.kd_loss import Targets
 
     targets = Targets(i, v, tail, ids[:, 1:].reshape(-1), V)
     del teacher, lp
@@ -61,9 +61,9 @@ def build(args):
 
 
 def make_step(name: str, model, ids, rows, cols, targets, device):
-    from trainer.adakd import AdaKDConfig, LATFState
-    from trainer.kd_loss import LossConfig, kd_loss
-    from trainer.losses import rkl, student_buckets, teacher_buckets
+    from adakd.trainer.adakd import AdaKDConfig, LATFState
+    from adakd.trainer.kd_loss import LossConfig, kd_loss
+    from adakd.trainer.losses import rkl, student_buckets, teacher_buckets
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     base = model.model
@@ -87,8 +87,8 @@ def make_step(name: str, model, ids, rows, cols, targets, device):
                 logits = model.lm_head(h).float()[rows, cols]  # (N, V): what the peers hold
                 lp_t = teacher_buckets(targets.topk_logprobs, targets.tail_logmass, targets.vocab_size)
                 with torch.no_grad():
-                    from trainer.adakd import idts_temperatures
-                    from trainer.losses import hellinger
+                    from adakd.trainer.adakd import idts_temperatures
+                    from adakd.trainer.losses import hellinger
 
                     s = hellinger(lp_t, student_buckets(logits, targets.topk_ids))
                     T = idts_temperatures(s, 1.0, 0.5)
@@ -111,7 +111,7 @@ def peak_memory(name: str, args) -> dict:
     model, ids, rows, cols, targets = build(args)
     model.to(device)
     ids, rows, cols = ids.to(device), rows.to(device), cols.to(device)
-    from trainer.kd_loss import Targets
+    from adakd.trainer.kd_loss import Targets
 
     targets = Targets(*(x.to(device) for x in (targets.topk_ids, targets.topk_logprobs, targets.tail_logmass, targets.labels)),
                       targets.vocab_size)

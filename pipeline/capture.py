@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from common.packing import DEFAULT_ROW_TOKENS, grouped, planner
-from storage import CacheError, CacheInfo, CacheWriter, Encoding, SequenceTargets
+from adakd.common.packing import DEFAULT_ROW_TOKENS, grouped, planner
+from adakd.storage import CacheError, CacheInfo, CacheWriter, Encoding, SequenceTargets
 
 from .data import DataError, DataSpec, iter_records, load_dataset, resolve_mapping, validate_records
 from .data import fingerprint as data_fingerprint

@@ -16,7 +16,7 @@ import inspect
 import numpy as np
 import torch
 
-from common.packing import DEFAULT_ROW_TOKENS, forward_options, layout_of, packing_error, rows_for
+from adakd.common.packing import DEFAULT_ROW_TOKENS, forward_options, layout_of, packing_error, rows_for
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
 from .sampling import Draws, Sampler, draw

@@ -6,7 +6,7 @@ import hashlib
 import os
 from importlib.metadata import PackageNotFoundError, version
 
-from storage.fingerprint import tokenizer_fingerprint  # noqa: F401  (re-exported for stage one)
+from adakd.storage.fingerprint import tokenizer_fingerprint  # noqa: F401  (re-exported for stage one)
 
 WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 EDGE = 1 << 20

@@ -28,8 +28,8 @@ from typing import Any, Iterator
 import numpy as np
 from hypothesis import strategies as st
 
-from storage import CacheError, CacheReader, CacheWriter, SequenceTargets, verify_cache
-from storage.manifest import _checksum
+from adakd.storage import CacheError, CacheReader, CacheWriter, SequenceTargets, verify_cache
+from adakd.storage.manifest import _checksum
 
 PAGE = 4096
 HOSTILE_PATHS = ("../x.arrow", "../../etc/passwd", "/etc/passwd", "shards/../../outside.arrow", "shards/./a.arrow",

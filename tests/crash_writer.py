@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from helpers import make_info, make_sequence
 
-from storage import CacheWriter
+from adakd.storage import CacheWriter
 
 
 def arm(kind: str, at: int) -> None:

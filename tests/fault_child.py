@@ -148,7 +148,7 @@ def main(argv: list[str]) -> None:
         assert opts[i] == "--arm", opts
         kind, at, *rest = opts[i + 1].split(":", 2)
         arm(kind, int(at), rest[0] if rest else "")
-    import cli
+    from adakd import cli
 
     cli.main(command, prog_name="adakd")
 

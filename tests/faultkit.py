@@ -122,7 +122,7 @@ def capture_setup(root: Path, records: int = 40, seed: int = 5) -> CaptureSetup:
 
 def shard_files(cache: Path) -> dict[str, bytes]:
     """The bytes of every shard the cache's manifests list, by name."""
-    from storage import CacheReader
+    from adakd.storage import CacheReader
 
     return {s.file: (cache / s.file).read_bytes() for s in CacheReader(cache).shards}
 
@@ -130,7 +130,7 @@ def shard_files(cache: Path) -> dict[str, bytes]:
 def partial_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
     """What is wrong with a cache left by a killed writer: it must verify, and every shard it lists must
     be the reference's shard of the same name (so what is there is final and a prefix of the data)."""
-    from storage import CacheNotFoundError, CacheReader, verify_cache
+    from adakd.storage import CacheNotFoundError, CacheReader, verify_cache
 
     try:
         reader = CacheReader(cache)
@@ -150,7 +150,7 @@ def partial_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str
 
 def final_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
     """A finished cache must be complete, verify without warnings, and hold exactly the reference shards."""
-    from storage import CacheReader, verify_cache
+    from adakd.storage import CacheReader, verify_cache
 
     report = verify_cache(cache)
     problems = report.problems + [f"warning: {w}" for w in report.warnings]
@@ -167,7 +167,7 @@ def final_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
 
 
 def listed_shards(cache: Path) -> int:
-    from storage import CacheError, CacheReader
+    from adakd.storage import CacheError, CacheReader
 
     try:
         return len(CacheReader(cache).shards)
@@ -301,7 +301,7 @@ def logged_steps(out: Path) -> list[int]:
 
 def resume_step(out: Path) -> int:
     """The step a re-run continues from (0: from scratch)."""
-    from trainer.checkpoint import latest_checkpoint
+    from adakd.trainer.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(out)
     return int(ckpt.name.split("-")[1]) if ckpt else 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import CacheInfo, Encoding, SequenceTargets
+from adakd.storage import CacheInfo, Encoding, SequenceTargets
 
 SHARED = Path(os.environ.get("ADAKD_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage import SequenceTargets  # noqa: E402
-from trainer.adakd import AdaKDConfig  # noqa: E402
-from trainer.batches import Batch, collate  # noqa: E402
-from trainer.kd_loss import LossConfig  # noqa: E402
+from adakd.storage import SequenceTargets  # noqa: E402
+from adakd.trainer.adakd import AdaKDConfig  # noqa: E402
+from adakd.trainer.batches import Batch, collate  # noqa: E402
+from adakd.trainer.kd_loss import LossConfig  # noqa: E402
 
 V = 300
 K = 8
@@ -45,7 +45,7 @@ GROUPS = [[5, 9, 40], [12], [30, 8, 7, 6, 25, 11], [60, 3]]  # micro-batches of 
 
 def micro_batches(packed: bool = True) -> list[Batch]:
     """Four micro-batches of different numbers of trained positions, packed (or padded) as train-student lays them."""
-    from common.packing import layout_of
+    from adakd.common.packing import layout_of
 
     seqs = sequences([n for g in GROUPS for n in g])
     out, i = [], 0
@@ -59,7 +59,7 @@ def micro_batches(packed: bool = True) -> list[Batch]:
 
 def one_batch(packed: bool = True) -> Batch:
     """The same sequences as `micro_batches`, all in one micro-batch."""
-    from common.packing import layout_of
+    from adakd.common.packing import layout_of
 
     seqs = sequences([n for g in GROUPS for n in g])
     return collate(seqs, V, None, layout=layout_of([len(s.input_ids) for s in seqs], 1024, 64 if packed else None))
@@ -80,7 +80,7 @@ LOSS = LossConfig(loss="rkl", kd_weight=0.6, adakd=AdaKDConfig(latf=False, idts=
 def gradients(micro: list[Batch], world: int, net: torch.nn.Module | None = None, model=None,
               loss: LossConfig = LOSS) -> tuple[dict[str, torch.Tensor], object]:
     """The step's gradients (full tensors, by parameter name) and its StepResult."""
-    from trainer.step import StudentLoss, forward_backward
+    from adakd.trainer.step import StudentLoss, forward_backward
 
     if net is None:
         model = student()
@@ -99,8 +99,8 @@ def main() -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from trainer.distributed import init
-    from trainer.step import StudentLoss
+    from adakd.trainer.distributed import init
+    from adakd.trainer.step import StudentLoss
 
     out, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp"
     rank, world, _ = init()

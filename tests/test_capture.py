@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 from tiny import build_teacher, corpus, instruction_rows, write_jsonl
 
-import cli
-from storage import CacheReader, verify_cache
+from adakd import cli
+from adakd.storage import CacheReader, verify_cache
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +71,7 @@ def test_hf_cache_holds_the_teachers_numbers(teacher, instr, tmp_path):
 
 
 def _prompt(row: dict) -> str:
-    from pipeline.data import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_WITH_INPUT
+    from adakd.pipeline.data import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_WITH_INPUT
 
     t = DEFAULT_TEMPLATE_WITH_INPUT if row["input"].strip() else DEFAULT_TEMPLATE
     return t.format(instruction=row["instruction"], input=row["input"])

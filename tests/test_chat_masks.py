@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 from tiny import build_teacher, corpus, write_jsonl
 
-import cli
-from pipeline.data import DataError, Record
-from pipeline.tokens import RecordTokenizer
+from adakd import cli
+from adakd.pipeline.data import DataError, Record
+from adakd.pipeline.tokens import RecordTokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>",
@@ -202,7 +202,7 @@ def test_eval_generates_for_chat_and_prompt_lines(model, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-    from trainer.evaluate import evaluate_generation
+    from adakd.trainer.evaluate import evaluate_generation
 
     calls: list[tuple[str, bool]] = []
     call = PreTrainedTokenizerBase.__call__

@@ -9,8 +9,8 @@ import numpy as np
 from click.testing import CliRunner
 from helpers import make_info, make_sequence
 
-import cli
-from storage import CacheWriter
+from adakd import cli
+from adakd.storage import CacheWriter
 
 
 def build(path, n=30, k=16):
@@ -62,8 +62,8 @@ def test_console_scripts_are_installed():
 
 def test_cli_constants_match_the_library():
     """cli.py repeats two values so that --help needs no torch; they must not drift."""
-    from common.packing import DEFAULT_ROW_TOKENS
-    from trainer.losses import DIVERGENCES
+    from adakd.common.packing import DEFAULT_ROW_TOKENS
+    from adakd.trainer.losses import DIVERGENCES
 
     assert cli.ROW_TOKENS == DEFAULT_ROW_TOKENS
     assert set(cli.LOSSES) == set(DIVERGENCES)

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import cli
-import demo
-from storage import CacheReader, verify_cache
+from adakd import cli
+from adakd import demo
+from adakd.storage import CacheReader, verify_cache
 
 
 def test_truth_is_a_distribution_per_prompt():

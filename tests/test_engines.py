@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.engine import EngineError, trained_rows
-from pipeline.tokens import Tokenized
+from adakd.pipeline.engine import EngineError, trained_rows
+from adakd.pipeline.tokens import Tokenized
 
 V = 300  # vocabulary of the family models
 K = 8
@@ -123,7 +123,7 @@ def family_models(tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_engine_equals_full_logits(family_models, family):
-    from pipeline.engine_hf import HFEngine
+    from adakd.pipeline.engine_hf import HFEngine
 
     batch = make_batch(V)
     engine = HFEngine(str(family_models[family]), K, dtype="float32", device="cpu", chunk_positions=16)
@@ -138,7 +138,7 @@ def test_hf_engine_equals_full_logits(family_models, family):
 
 def test_hf_engine_refuses_a_forward_that_bypasses_the_gather(family_models):
     """A model whose output layer does not see the whole (B, T) hidden states is named, not mis-scored."""
-    from pipeline.engine_hf import HFEngine
+    from adakd.pipeline.engine_hf import HFEngine
 
     engine = HFEngine(str(family_models["llama"]), K, dtype="float32", device="cpu")
     engine._options = dict(engine._options, logits_to_keep=1)  # as a model that slices before its output layer
@@ -174,7 +174,7 @@ def padded_teacher(tmp_path_factory):
 
 def assert_padded_mass_in_tail(full: np.ndarray, lps: np.ndarray, real: int, atol: float) -> float:
     """1 - top-k mass (the writer's tail) equals the real ids' rest plus the padded ids' mass."""
-    from storage.codec import tail_logmass
+    from adakd.storage.codec import tail_logmass
 
     p = np.exp(full.astype(np.float64))
     padded = p[:, real:].sum(1)
@@ -184,7 +184,7 @@ def assert_padded_mass_in_tail(full: np.ndarray, lps: np.ndarray, real: int, ato
 
 
 def test_hf_engine_padded_vocabulary(padded_teacher):
-    from pipeline.engine_hf import HFEngine
+    from adakd.pipeline.engine_hf import HFEngine
 
     batch = make_batch(V, seed=2)
     engine = HFEngine(str(padded_teacher), K, dtype="float32", device="cpu", real_vocab=V)
@@ -197,7 +197,7 @@ def test_hf_engine_padded_vocabulary(padded_teacher):
 
 
 def test_hf_engine_without_real_vocab_keeps_every_id(padded_teacher):
-    from pipeline.engine_hf import HFEngine
+    from adakd.pipeline.engine_hf import HFEngine
 
     engine = HFEngine(str(padded_teacher), K, dtype="float32", device="cpu")
     assert engine.real_vocab == engine.vocab_size == V + PAD
@@ -208,14 +208,14 @@ def test_hf_engine_without_real_vocab_keeps_every_id(padded_teacher):
 @pytest.mark.parametrize("k, real, words", [(V + 1, V, "--top-k 301 is larger than the teacher's vocabulary (300)"),
                                             (K, V + PAD + 1, "the tokenizer has 321 tokens but the teacher only 320")])
 def test_hf_engine_refuses(padded_teacher, k, real, words):
-    from pipeline.engine_hf import HFEngine
+    from adakd.pipeline.engine_hf import HFEngine
 
     with pytest.raises(EngineError, match=words.replace("(", r"\(").replace(")", r"\)")):
         HFEngine(str(padded_teacher), k, dtype="float32", device="cpu", real_vocab=real)
 
 
 def test_vllm_request_size_and_refusals():
-    from pipeline.engine_vllm import MAX_PADDING, logprobs_to_request
+    from adakd.pipeline.engine_vllm import MAX_PADDING, logprobs_to_request
 
     assert logprobs_to_request(64, 152064, None) == 64
     assert logprobs_to_request(64, 152064, 152064) == 64
@@ -230,7 +230,7 @@ def test_vllm_request_size_and_refusals():
 
 
 def test_vllm_keep_real_takes_the_first_real_ranks():
-    from pipeline.engine_vllm import keep_real
+    from adakd.pipeline.engine_vllm import keep_real
 
     ids = np.array([[5, 9, 1, 8, 2], [9, 8, 1, 2, 3], [1, 2, 3, 4, 9]])  # ids >= 8 are padding
     lps = -np.arange(15, dtype=np.float32).reshape(3, 5)
@@ -286,7 +286,7 @@ def test_vllm_engine_padded_vocabulary(tmp_path):
 
 def _vllm_child(teacher: str, real: int, out: str) -> None:
     """Scores the test batch with vLLM (fast and stock paths), saves the arrays, exits without teardown."""
-    from pipeline.engine_vllm import VLLMEngine
+    from adakd.pipeline.engine_vllm import VLLMEngine
 
     batch = make_batch(real, seed=3)
     engine = VLLMEngine(teacher, VLLM_K, max_model_len=64, real_vocab=real)

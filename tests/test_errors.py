@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from tiny import write_jsonl
 
-import cli
+from adakd import cli
 
 
 def fails(args: list[str], *words: str, code: int = 1, input: str | None = None) -> str:

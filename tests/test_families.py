@@ -32,10 +32,10 @@ from click.testing import CliRunner
 from families import ALL, BOS, EOS, FAMILIES, MOE, PAD, ROUTER_LOSS, VOCAB, build, build_tokenizer, config
 from tiny import instruction_rows, write_jsonl
 
-import cli
-from storage import CacheReader
-from trainer.head import HeadError, base_model, check_head, final_hidden, output_head
-from trainer.router import router_loss
+from adakd import cli
+from adakd.storage import CacheReader
+from adakd.trainer.head import HeadError, base_model, check_head, final_hidden, output_head
+from adakd.trainer.router import router_loss
 
 K = 16
 MAX_LENGTH = 96
@@ -490,7 +490,7 @@ def test_router_loss_exactly_where_the_family_training_adds_one(family):
 
     import transformers
 
-    from trainer.step import StudentLoss
+    from adakd.trainer.step import StudentLoss
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config(family), dtype=torch.float32)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from faultkit import Run, arrive, at_meeting, final_cache_problems, meet_env, run_cli
 
-from storage import CacheNotFoundError, CacheReader, verify_cache
+from adakd.storage import CacheNotFoundError, CacheReader, verify_cache
 
 FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob", "tail_logmass")
 

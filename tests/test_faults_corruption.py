@@ -9,7 +9,7 @@ import shutil
 import pytest
 from corruption import Damage, apply, build_pristine, fuzz, judge, snapshot, time_limit
 
-from storage import CacheCorruptError, CacheError, CacheReader, verify_cache
+from adakd.storage import CacheCorruptError, CacheError, CacheReader, verify_cache
 
 
 @pytest.fixture(scope="module")

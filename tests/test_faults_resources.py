@@ -15,8 +15,8 @@ from faultkit import (
     train_final_problems,
 )
 
-import cli
-from storage import CacheReader, verify_cache
+from adakd import cli
+from adakd.storage import CacheReader, verify_cache
 
 
 def _clean_failure(r, *words: str) -> None:

@@ -11,7 +11,7 @@ import random
 import pytest
 from faultkit import train_campaign
 
-from trainer.checkpoint import latest_checkpoint
+from adakd.trainer.checkpoint import latest_checkpoint
 
 # a torn optimizer file, a complete checkpoint not yet renamed into place, `latest` not yet replaced,
 # a checkpoint file not yet fsynced, and before an optimizer step
@@ -53,7 +53,7 @@ def test_resaving_a_step_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_pa
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import trainer.checkpoint as ck
+    from adakd.trainer import checkpoint as ck
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=1, num_key_value_heads=1))

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, latf_update, past_warmup, select
-from trainer.kd_loss import LossConfig, Targets, kd_loss
-from trainer.losses import DIVERGENCES, hellinger, student_buckets, teacher_buckets
+from adakd.trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, latf_update, past_warmup, select
+from adakd.trainer.kd_loss import LossConfig, Targets, kd_loss
+from adakd.trainer.losses import DIVERGENCES, hellinger, student_buckets, teacher_buckets
 
 V = 11
 
@@ -193,7 +193,7 @@ def test_chunked_gradients_equal_dense_autograd(data, name):
 def test_head_bias_scale_and_softcap_gradients_equal_dense_autograd(data, scale, softcap, ada):
     """Phi's output bias, Cohere/Granite logit scaling and Gemma 2's final soft-cap: the chunked loss's hand-written
     gradient goes through them exactly as autograd does through the model's own formula."""
-    from trainer.head import OutputHead
+    from adakd.trainer.head import OutputHead
 
     hidden, weight, teacher, labels = data
     bias = torch.randn(V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -207,7 +207,7 @@ def test_head_bias_scale_and_softcap_gradients_equal_dense_autograd(data, scale,
     if softcap is not None:
         z = torch.tanh(z / softcap) * softcap
     with torch.no_grad():  # the reference: the same selection and temperatures, on the model's own logits
-        from trainer.kd_loss import difficulties
+        from adakd.trainer.kd_loss import difficulties
 
         s = difficulties(hidden, OutputHead(weight, bias, scale, softcap), full_targets(teacher, labels, k=5), 4)
         sel = select(s, 0.7) if ada else torch.arange(len(s))
@@ -458,7 +458,7 @@ def test_adakd_knobs_out_of_range_are_refused(field, value, option):
 
 def test_idts_with_a_median_difficulty_of_zero_keeps_the_base_temperature():
     """The official code divides by the median: 0/0 = NaN temperatures; here the micro-batch gets T (documented)."""
-    from trainer.adakd import idts_temperatures, idts_u
+    from adakd.trainer.adakd import idts_temperatures, idts_u
 
     s = torch.tensor([0.0, 0.0, 0.0, 0.4, 0.9])
     assert torch.equal(idts_u(s), torch.zeros(5)) and torch.equal(idts_temperatures(s, 2.0, 0.5), torch.full((5,), 2.0))
@@ -467,7 +467,7 @@ def test_idts_with_a_median_difficulty_of_zero_keeps_the_base_temperature():
 
 
 def test_negative_temperature_scale_heats_the_harder_positions():
-    from trainer.adakd import idts_temperatures
+    from adakd.trainer.adakd import idts_temperatures
 
     s = torch.tensor([0.1, 0.2, 0.4, 0.8])
     cold, hot = idts_temperatures(s, 1.0, 0.5), idts_temperatures(s, 1.0, -0.5)
@@ -485,7 +485,7 @@ def test_latf_trajectory_exercises_both_directions():
 def test_akl_head_follows_the_official_rule():
     """The bucket whose cumulative mass crosses mu is tail (official `get_ratio`: `mask = cum_sum > mu;
     mask[..., 0] = False`), and the most likely bucket is head even when it alone holds more than mu."""
-    from trainer.losses import akl
+    from adakd.trainer.losses import akl
 
     def weights(p, q, mu):  # a transcription of the official head/tail gap ratio, dense, p sorted
         errors = (p - q).abs()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from helpers import SHARED
 from tiny import build_teacher, instruction_rows, write_jsonl
 
-import cli
+from adakd import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_no_sequence_length_warning_from_transformers(teacher, tmp_path):
     conf = json.loads((t / "tokenizer_config.json").read_text())
     (t / "tokenizer_config.json").write_text(json.dumps(dict(conf, model_max_length=8)))
     data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(6, seed=2))
-    r = subprocess.run([sys.executable, "-m", "cli", "cache-teacher", "--teacher", str(t), "--data", str(data), "--out",
+    r = subprocess.run([sys.executable, "-m", "adakd.cli", "cache-teacher", "--teacher", str(t), "--data", str(data), "--out",
                         str(tmp_path / "c"), "--engine", "hf", "--top-k", "4", "--no-progress"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -114,11 +114,11 @@ def test_no_sequence_length_warning_from_transformers(teacher, tmp_path):
 
 def test_a_cache_with_no_shard_yet_accepts_other_settings(teacher, data, tmp_path):
     """A first run that failed before writing anything (e.g. vLLM did not start) must not lock in its settings."""
-    from storage import CacheWriter
-    from storage.manifest import load_manifest
+    from adakd.storage import CacheWriter
+    from adakd.storage.manifest import load_manifest
 
-    from pipeline.capture import CaptureConfig, build_info, load_teacher_config, load_tokenizer
-    from pipeline.data import DataSpec, load_dataset
+    from adakd.pipeline.capture import CaptureConfig, build_info, load_teacher_config, load_tokenizer
+    from adakd.pipeline.data import DataSpec, load_dataset
 
     cache = tmp_path / "cache"
     cfg = CaptureConfig(teacher=str(teacher), data=DataSpec(source=str(data)), out=str(cache), k=8, engine="vllm")
@@ -128,7 +128,7 @@ def test_a_cache_with_no_shard_yet_accepts_other_settings(teacher, data, tmp_pat
     r = run("cache-teacher", "--teacher", teacher, "--data", data, "--out", cache, "--engine", "hf", "--top-k", "8",
             "--no-progress")
     assert r.exit_code == 0, r.output
-    from storage.fs import CacheDir
+    from adakd.storage.fs import CacheDir
 
     assert load_manifest(CacheDir.open(str(cache))).info.engine["name"] == "hf"
     r = run("cache-teacher", "--teacher", teacher, "--data", data, "--out", cache, "--engine", "hf", "--top-k", "16",
@@ -140,7 +140,7 @@ def test_a_cache_with_no_shard_yet_accepts_other_settings(teacher, data, tmp_pat
 def test_auto_takes_hf_for_a_teacher_vllms_cpu_build_cannot_run(tmp_path, data):
     pytest.importorskip("vllm")
     t = build_teacher(tmp_path / "narrow", hidden=32, heads=4)  # head size 8, like stories260K
-    r = subprocess.run([sys.executable, "-m", "cli", "cache-teacher", "--teacher", str(t), "--data", str(data), "--out",
+    r = subprocess.run([sys.executable, "-m", "adakd.cli", "cache-teacher", "--teacher", str(t), "--data", str(data), "--out",
                         str(tmp_path / "c"), "--top-k", "8", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "note: vLLM's CPU attention does not support head size 8" in r.stderr and "using --engine hf" in r.stderr
@@ -153,8 +153,8 @@ def test_auto_takes_hf_for_a_teacher_vllms_cpu_build_cannot_run(tmp_path, data):
 def test_auto_falls_back_to_hf_when_vllm_fails_to_start(teacher, data, tmp_path, monkeypatch):
     """The fallback itself (the start failure is simulated; a real one is the next test)."""
     pytest.importorskip("vllm")
-    import pipeline.engine_vllm as ev
-    from pipeline.engine import EngineError
+    from adakd.pipeline import engine_vllm as ev
+    from adakd.pipeline.engine import EngineError
 
     def refuse(*a, **k):
         raise EngineError("vLLM could not start the teacher (simulated)")
@@ -174,7 +174,7 @@ def test_a_vllm_start_failure_is_one_line_with_the_cause(teacher, data, tmp_path
     shutil.copytree(teacher, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    r = subprocess.run([sys.executable, "-m", "cli", "cache-teacher", "--teacher", str(broken), "--data", str(data),
+    r = subprocess.run([sys.executable, "-m", "adakd.cli", "cache-teacher", "--teacher", str(broken), "--data", str(data),
                         "--out", str(tmp_path / "c"), "--engine", "vllm", "--top-k", "8", "--no-progress"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 1, r.stderr[-3000:]
@@ -203,7 +203,7 @@ def _interrupt_when(cmd: list[str], ready, timeout: float = 300) -> subprocess.C
 def test_ctrl_c_on_cache_teacher_exits_130_cleanly_and_resumes(teacher, tmp_path):
     data = write_jsonl(tmp_path / "many.jsonl", instruction_rows(600, seed=4))
     cache = tmp_path / "c"
-    cmd = [sys.executable, "-m", "cli", "cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out",
+    cmd = [sys.executable, "-m", "adakd.cli", "cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out",
            str(cache), "--engine", "hf", "--top-k", "8", "--shard-positions", "64", "--batch-tokens", "256",
            "--no-progress"]
     r = _interrupt_when(cmd, lambda: len(list((cache / "shards").glob("*.arrow"))) >= 1)
@@ -223,7 +223,7 @@ def test_ctrl_c_on_train_student_exits_130_cleanly_and_resumes(teacher, data, tm
     cfg = json.loads((teacher / "config.json").read_text())
     (tmp_path / "s.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli", "train-student", "--cache", str(cache), "--student", str(tmp_path / "s.json"),
+    cmd = [sys.executable, "-m", "adakd.cli", "train-student", "--cache", str(cache), "--student", str(tmp_path / "s.json"),
            "--out", str(out), "--max-steps", "100000", "--save-every", "1", "--batch-tokens", "256", "--no-progress"]
     r = _interrupt_when(cmd, lambda: (out / "checkpoints" / "latest").exists())
     assert r.returncode == 130, r.stderr[-3000:]

@@ -18,14 +18,14 @@ import pytest
 import torch
 from families import ALL, FAMILIES, ROUTER_LOSS, VOCAB, config
 
-from common.packing import Layout, PackedPlanner, PaddedPlanner, Rows, grouped, layout_of, packing_error, planner
-from pipeline.sampling import Sampler, draw
-from storage import SequenceTargets
-from trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, select
-from trainer.batches import collate
-from trainer.head import final_hidden, output_head
-from trainer.kd_loss import LossConfig, difficulties, kd_loss
-from trainer.student import packed_rows
+from adakd.common.packing import Layout, PackedPlanner, PaddedPlanner, Rows, grouped, layout_of, packing_error, planner
+from adakd.pipeline.sampling import Sampler, draw
+from adakd.storage import SequenceTargets
+from adakd.trainer.adakd import AdaKDConfig, LATFState, idts_temperatures, select
+from adakd.trainer.batches import collate
+from adakd.trainer.head import final_hidden, output_head
+from adakd.trainer.kd_loss import LossConfig, difficulties, kd_loss
+from adakd.trainer.student import packed_rows
 
 # Families whose forward cannot take packed rows exactly (and why): they train and score on padded rows.
 NOT_PACKED = {
@@ -116,7 +116,7 @@ def test_on_real_lengths_at_least_95_percent_of_computed_tokens_are_real(shape):
     """The shared data's real GPT-2 lengths (dolly: 38% real tokens padded at 8,192, the issue's figure)."""
     from bench.throughput import stream_lengths
 
-    from common.packing import DEFAULT_ROW_TOKENS
+    from adakd.common.packing import DEFAULT_ROW_TOKENS
 
     lengths = stream_lengths(shape, None)
     for budget in (4096, 8192, 32768):
@@ -227,8 +227,8 @@ def test_packed_equals_padded_logits_loss_and_adakd(family, kind):
 def test_hf_engine_packed_scores_like_padded(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.engine_hf import HFEngine
-    from pipeline.tokens import Tokenized
+    from adakd.pipeline.engine_hf import HFEngine
+    from adakd.pipeline.tokens import Tokenized
 
     torch.manual_seed(2)
     model = AutoModelForCausalLM.from_config(config(family), dtype=torch.float32)
@@ -262,7 +262,7 @@ def test_router_loss_is_the_family_own_on_padded_rows_and_the_same_on_packed_row
     """StudentLoss adds coef * the family's own aux loss (`model(..., output_router_logits=True).aux_loss` on the padded
     batch, its attention mask excluding the padding); on packed rows the batch's real_mask excludes each row's padding
     the same way, so the value is the padded one (families that pack); the switch turns it off."""
-    from trainer.step import StudentLoss
+    from adakd.trainer.step import StudentLoss
 
     model = student(family)
     packed, padded = both_layouts(sequences("topk"))
@@ -298,7 +298,7 @@ def test_router_loss_is_the_family_own_on_padded_rows_and_the_same_on_packed_row
 def test_router_loss_weighs_each_micro_batch_by_its_share_of_the_step_trained_positions():
     """Under gradient accumulation each micro-batch adds coef * aux * (its trained positions / the step's), so a step
     adds coef * the positions-weighted mean of its micro-batches' aux losses, and router_aux logs that mean."""
-    from trainer.step import StudentLoss
+    from adakd.trainer.step import StudentLoss
 
     model = student("mixtral")
     seqs = sequences("topk")

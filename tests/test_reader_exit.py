@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from helpers import make_info, make_sequence
 
-from storage import CacheCorruptError, CacheReader, CacheWriter
-from storage.reader import _prefetched, _stop_all_prefetchers
+from adakd.storage import CacheCorruptError, CacheReader, CacheWriter
+from adakd.storage.reader import _prefetched, _stop_all_prefetchers
 
 ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 3
@@ -39,7 +39,7 @@ def report():
     sys.stderr.flush()
 
 atexit.register(report)
-from storage import CacheReader
+from adakd.storage import CacheReader
 
 scenario, paths = sys.argv[1], sys.argv[2:]
 

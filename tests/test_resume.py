@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from tiny import cached_teacher
 
-import cli
+from adakd import cli
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import torch
 from click.testing import CliRunner
 from tiny import build_teacher, instruction_rows, write_jsonl
 
-import cli
-from storage import (CacheCorruptError, CacheError, CacheInfo, CacheReader, CacheVersionError, CacheWriter, Encoding,
+from adakd import cli
+from adakd.storage import (CacheCorruptError, CacheError, CacheInfo, CacheReader, CacheVersionError, CacheWriter, Encoding,
                      SequenceTargets, format_summary, summarize, verify_cache)
-from storage.codec import SAMPLE_LP_STEP
+from adakd.storage.codec import SAMPLE_LP_STEP
 
 V = 300
 
@@ -133,7 +133,7 @@ def test_damaged_counts_are_a_clear_error(tmp_path):
     body = json.loads(manifest.read_text())
     body["shards"][0]["bytes"] = len(data)
     del body["checksum"]
-    from storage.manifest import _checksum
+    from adakd.storage.manifest import _checksum
     body["checksum"] = _checksum(body)
     manifest.write_text(json.dumps(body))
     with pytest.raises(CacheCorruptError, match="draw counts do not add up"):
@@ -148,7 +148,7 @@ def test_unknown_kind_is_refused(tmp_path):
     body = json.loads(manifest.read_text())
     body["cache"]["target_kind"] = body["cache"]["encoding"]["kind"] = "beam"
     del body["checksum"]
-    from storage.manifest import _checksum
+    from adakd.storage.manifest import _checksum
     body["checksum"] = _checksum(body)
     manifest.write_text(json.dumps(body))
     with pytest.raises(CacheVersionError, match="target kind 'beam' is not known"):
@@ -250,7 +250,7 @@ def test_draws_do_not_depend_on_workers_batches_or_resume(teacher, tmp_path):
     body["progress"]["counts"]["tokens"] -= last["tokens"]
     body["progress"]["counts"]["positions"] -= last["positions"]
     del body["checksum"]
-    from storage.manifest import _checksum
+    from adakd.storage.manifest import _checksum
     body["checksum"] = _checksum(body)
     manifest.write_text(json.dumps(body))
     (tmp_path / "small" / last["file"]).unlink()

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from storage import SequenceTargets
+from adakd.storage import SequenceTargets
 from test_losses import dense_adakd, dense_div
-from trainer.adakd import AdaKDConfig, LATFState
-from trainer.batches import collate, truncate, weighted_support
-from trainer.evaluate import cached_kl
-from trainer.head import OutputHead
-from trainer.kd_loss import LossConfig, Targets, difficulties, kd_loss
-from trainer.losses import DIVERGENCES, fkl, hellinger, student_support, weighted_teacher
-from trainer.student import target_vocab
+from adakd.trainer.adakd import AdaKDConfig, LATFState
+from adakd.trainer.batches import collate, truncate, weighted_support
+from adakd.trainer.evaluate import cached_kl
+from adakd.trainer.head import OutputHead
+from adakd.trainer.kd_loss import LossConfig, Targets, difficulties, kd_loss
+from adakd.trainer.losses import DIVERGENCES, fkl, hellinger, student_support, weighted_teacher
+from adakd.trainer.student import target_vocab
 
 V, H, K = 96, 12, 6  # vocabulary, hidden size, hybrid head
 PER_TOKEN_SUMS = [n for n in DIVERGENCES if n != "akl"]  # akl's gap weights are ratios: not a per-token sum

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from faultkit import ROOT, run_cli, train_final_problems
 
-import cli
-from storage import CacheCorruptError, CacheError, CacheReader, CacheWriter, verify_cache
+from adakd import cli
+from adakd.storage import CacheCorruptError, CacheError, CacheReader, CacheWriter, verify_cache
 
 SOURCES = [p for d in ("storage", "trainer", "pipeline") for p in (ROOT / d).glob("*.py")] + [ROOT / "cli.py", ROOT / "demo.py"]
 UNSAFE = {
@@ -144,7 +144,7 @@ def test_a_caches_tokenizer_files_are_never_code(fault_training, tmp_path):
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "shards/../../../etc/passwd", "../cache2/shards/x.arrow"])
 def test_manifest_paths_cannot_escape_the_cache(fault_capture, tmp_path, bad):
-    from storage.manifest import _checksum
+    from adakd.storage.manifest import _checksum
 
     _, reference, _ = fault_capture
     cache = tmp_path / "cache"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from step_child import GROUPS, LOSS, gradients, micro_batches, one_batch
 
-from trainer.adakd import AdaKDConfig
-from trainer.kd_loss import LossConfig
-from trainer.step import step_counts
+from adakd.trainer.adakd import AdaKDConfig
+from adakd.trainer.kd_loss import LossConfig
+from adakd.trainer.step import step_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +41,8 @@ def test_grad_accum_4_equals_the_same_tokens_in_one_micro_batch(packed):
 
 def test_the_old_per_micro_batch_mean_is_not_what_is_optimized():
     """The mean of per-micro-batch means (what averaging each micro-batch's own loss gives) differs here."""
-    from trainer.head import final_hidden, output_head
-    from trainer.kd_loss import kd_loss
+    from adakd.trainer.head import final_hidden, output_head
+    from adakd.trainer.kd_loss import kd_loss
     from step_child import student
 
     model = student()

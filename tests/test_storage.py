@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import make_info, make_sequence
 
-from storage import (
+from adakd.storage import (
     CacheCorruptError,
     CacheError,
     CacheLockedError,
@@ -20,8 +20,8 @@ from storage import (
     Encoding,
     verify_cache,
 )
-from storage.codec import tail_logmass
-from storage.manifest import _checksum
+from adakd.storage.codec import tail_logmass
+from adakd.storage.manifest import _checksum
 
 
 def write_cache(path, n=40, vocab=300, k=16, seed=0, worker=0, workers=1, records=None, **kw):
@@ -124,7 +124,7 @@ def test_reader_resumes_from_cursor(tmp_path):
         if len(first) == 17:
             break
     cursor = json.loads(json.dumps(stream.cursor.to_json()))  # survives a JSON checkpoint
-    from storage import Cursor
+    from adakd.storage import Cursor
 
     rest = [s.record for s in CacheReader(tmp_path / "c").stream(seed=7, cursor=Cursor.from_json(cursor))]
     assert first + rest == full

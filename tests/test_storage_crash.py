@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import CacheReader, verify_cache
+from adakd.storage import CacheReader, verify_cache
 
 HERE = Path(__file__).resolve().parent
 N = 40

@@ -13,10 +13,10 @@ import torch
 from click.testing import CliRunner
 from tiny import cached_teacher, corpus, write_jsonl
 
-import cli
-from trainer.evaluate import EvalDataError
-from trainer.student import StudentError
-from trainer.teacher_eval import evaluate_teacher, format_line
+from adakd import cli
+from adakd.trainer.evaluate import EvalDataError
+from adakd.trainer.student import StudentError
+from adakd.trainer.teacher_eval import evaluate_teacher, format_line
 
 KEYS = ("kl", "rkl", "nll", "teacher_nll", "top1_agreement", "kl_real", "rkl_real", "teacher_padding_mass",
         "student_padding_mass")
@@ -58,7 +58,7 @@ def padded_teacher(teacher: Path, out: Path, extra: int = 8) -> Path:
 
 
 def cache_sequences(cache: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    from storage import CacheReader
+    from adakd.storage import CacheReader
 
     return [(s.input_ids.astype(np.int64), s.loss_mask.copy()) for s in CacheReader(str(cache)).stream()]
 

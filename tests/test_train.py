@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from tiny import build_teacher, cached_teacher, instruction_rows, write_jsonl
 
-import cli
+from adakd import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_resume_continues_exactly(setup, tmp_path):
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
-    import trainer.checkpoint as ck
+    from adakd.trainer import checkpoint as ck
 
     real = ck.save_file
     calls = {"n": 0}
@@ -128,7 +128,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(setup, tmp_
 
 
 def test_nan_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
-    import trainer.step as tt
+    from adakd.trainer import step as tt
 
     real = tt.kd_loss
 
@@ -207,7 +207,7 @@ def test_two_process_ddp_with_gloo(setup, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # --standalone: the rendezvous takes a free port, so runs of this test at once on one machine do not collide
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "cli", "train-student", "--cache", str(cache), "--student", str(student), "--out", str(out),
+                        "-m", "adakd.cli", "train-student", "--cache", str(cache), "--student", str(student), "--out", str(out),
                         "--max-steps", "4", "--batch-tokens", "1024", "--no-progress", "--save-every", "2"],
                        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -226,7 +226,7 @@ def test_two_process_fsdp2_trains_checkpoints_and_resumes(setup, tmp_path):
     out = tmp_path / "fsdp"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # --standalone: the rendezvous takes a free port each time, so concurrent runs on one machine do not collide
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adakd.cli",
             "train-student", "--cache", str(cache), "--student", str(student), "--out", str(out), "--max-steps", "4",
             "--save-every", "2", "--batch-tokens", "1024", "--no-progress", "--fsdp"]
     for extra in (["--stop-after", "2"], []):
@@ -388,7 +388,7 @@ def test_gradient_checkpointing_under_torchrun(setup, tmp_path, fsdp):
     for name, extra in (("plain", []), ("ckpt", ["--gradient-checkpointing"])):
         out = tmp_path / name
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "cli", "train-student", "--cache", str(cache), "--student", str(student), "--out",
+                            "-m", "adakd.cli", "train-student", "--cache", str(cache), "--student", str(student), "--out",
                             str(out), "--max-steps", "3", "--batch-tokens", "1024", "--no-progress",
                             *(["--fsdp"] if fsdp else []), *extra], env=env, capture_output=True, text=True,
                            timeout=300, cwd=ROOT)

@@ -63,7 +63,7 @@ def test_fast_path_equals_stock_path(scored):
 
 
 def test_cli_vllm_cache_agrees_with_hf_cache(setup, tmp_path):
-    from storage import CacheReader, verify_cache
+    from adakd.storage import CacheReader, verify_cache
 
     teacher, data = setup
     caches = {}
@@ -89,7 +89,7 @@ def test_cli_vllm_cache_agrees_with_hf_cache(setup, tmp_path):
 def test_vllm_loads_a_trained_student(setup, tmp_path):
     from click.testing import CliRunner
 
-    import cli
+    from adakd import cli
 
     teacher, data = setup
     cache = tmp_path / "cache"

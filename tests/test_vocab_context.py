@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from helpers import make_info, make_sequence
 from tiny import cached_teacher
 
-import cli
-from storage import CacheReader, CacheWriter
+from adakd import cli
+from adakd.storage import CacheReader, CacheWriter
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_student_shorter_than_the_caches_sequences_is_refused_or_truncated(set
 
 
 def test_truncation_keeps_the_targets_of_the_kept_positions():
-    from trainer.batches import truncate
+    from adakd.trainer.batches import truncate
 
     rng = np.random.default_rng(0)
     seq = next(s for s in (make_sequence(rng, 0, 300, 8, length=30)[0] for _ in range(100)) if s.loss_mask[:12].any())

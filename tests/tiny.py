@@ -75,7 +75,7 @@ def cached_teacher(root: Path, records: int = 24, seed: int = 5, k: int = 8) -> 
     one layer deep and half as wide: what most training tests start from."""
     from click.testing import CliRunner
 
-    import cli
+    from adakd import cli
 
     teacher = build_teacher(root / "teacher")
     data = write_jsonl(root / "d.jsonl", instruction_rows(records, seed=seed))

@@ -9,8 +9,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from common.packing import DEFAULT_ROW_TOKENS, Layout, PaddedPlanner, grouped, planner
-from storage import Cursor, SequenceStream, SequenceTargets
+from adakd.common.packing import DEFAULT_ROW_TOKENS, Layout, PaddedPlanner, grouped, planner
+from adakd.storage import Cursor, SequenceStream, SequenceTargets
 
 from .kd_loss import Targets
 

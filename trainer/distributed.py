@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from storage import Cursor
+from adakd.storage import Cursor
 
 
 def init() -> tuple[int, int, int]:

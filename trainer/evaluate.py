@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from storage import CacheReader
+from adakd.storage import CacheReader
 
-from common.packing import DEFAULT_ROW_TOKENS
+from adakd.common.packing import DEFAULT_ROW_TOKENS
 
 from .batches import batches
 from .head import final_hidden, output_head

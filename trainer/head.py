@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.packing import forward_options
+from adakd.common.packing import forward_options
 
 
 class HeadError(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from storage import CacheInfo
+from adakd.storage import CacheInfo
 
 from .batches import Batch
 from .head import HeadError, check_head, final_hidden

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from common.packing import Rows, packing_error, rows_for
-from storage import CacheInfo, CacheReader
+from adakd.common.packing import Rows, packing_error, rows_for
+from adakd.storage import CacheInfo, CacheReader
 
 from .head import HeadError, check_head
 
@@ -151,7 +151,7 @@ def check_vocabulary(student: torch.nn.Module, student_tok, teacher_tok, reader:
     if teacher_tok is not None:
         same_token_ids(teacher_tok, student_tok, "teacher", "student", "distillation on cached ids needs the same vocabulary")
     elif student_tok is not None:
-        from storage.fingerprint import tokenizer_fingerprint
+        from adakd.storage.fingerprint import tokenizer_fingerprint
 
         if tokenizer_fingerprint(student_tok) != info.tokenizer.get("fingerprint"):
             raise StudentError("the cache holds no tokenizer and the student's differs from the teacher's fingerprint")

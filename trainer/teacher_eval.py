@@ -45,7 +45,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from common.packing import DEFAULT_ROW_TOKENS, Layout, grouped, planner
+from adakd.common.packing import DEFAULT_ROW_TOKENS, Layout, grouped, planner
 
 from .head import final_hidden, output_head
 from .student import (StudentError, context_size, dir_tokenizer, has_weights, load_student, packed_rows,
@@ -96,8 +96,8 @@ def _cache_sequences(reader, max_length: int | None) -> Iterator[tuple[np.ndarra
 def _data_sequences(data: str, tok, max_length: int, limit: int | None,
                     data_options: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """The records as cache-teacher tokenizes them (--length-policy truncate, its default)."""
-    from pipeline.data import DataError, DataSpec, iter_records, load_dataset, row_name
-    from pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.pipeline.data import DataError, DataSpec, iter_records, load_dataset, row_name
+    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
 
     from .evaluate import EvalDataError
 
@@ -221,7 +221,7 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
     teacher_tok = dir_tokenizer(teacher_dir, "--teacher", trust_remote_code)
     student_tok = dir_tokenizer(model_dir, "--model", trust_remote_code)
     if cache is not None:
-        from storage import CacheReader
+        from adakd.storage import CacheReader
 
         from .student import cache_tokenizer, check_context
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from common.packing import DEFAULT_ROW_TOKENS
-from storage import CacheError, CacheReader, Cursor
+from adakd.common.packing import DEFAULT_ROW_TOKENS
+from adakd.storage import CacheError, CacheReader, Cursor
 
 from . import distributed as dist
 from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
