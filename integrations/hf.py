@@ -42,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from adakd.common.packing import DEFAULT_ROW_TOKENS
 from adakd.storage import CacheReader
 from adakd.trainer.api import Batch, Distiller, batches
+from adakd.trainer.distributed import all_have
 
 STATE_FILE = "adakd_state.json"
 BATCH_KEY = "adakd_batch"
@@ -64,8 +65,18 @@ class CacheDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for b in batches(self.cache, self.model, seed=self.seed + self.epoch, batch_tokens=self.batch_tokens,
-                         row_tokens=self.row_tokens, max_length=self.max_length, quiet=self.epoch > 0):
+        """One epoch of this rank's batches; under data parallelism every rank stops at the same count (a rank
+        whose share runs out first ends the epoch for all, as in train-student), so their steps stay paired."""
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if ready else 1
+        device = torch.device("cuda", torch.cuda.current_device()) if ready and \
+            torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        it = iter(batches(self.cache, self.model, seed=self.seed + self.epoch, batch_tokens=self.batch_tokens,
+                          row_tokens=self.row_tokens, max_length=self.max_length, quiet=self.epoch > 0))
+        while True:
+            b = next(it, None)
+            if not all_have(b is not None, world, device) or b is None:
+                return
             yield {**b.model_inputs(), BATCH_KEY: b}
 
 

@@ -181,3 +181,30 @@ def test_the_docs_examples_run(setup, tmp_path):
         exec(compile(block, f"python-api.md block {i + 1}", "exec"), {} if i == 2 else loop)
     assert loop["distiller"].steps >= 3  # block 1's step, block 2's, block 4's
     assert (tmp_path / "hf" / "checkpoint-20" / "adakd_state.json").exists()
+
+
+@pytest.mark.slow
+def test_hf_trainer_under_torchrun_matches_train_student(setup, tmp_path):
+    """Two ranks, gradient accumulation 2: the Trainer's step-1 loss is train-student's (the same per-token mean
+    over both ranks' micro-batches), and both ranks end together (no rank waits on a collective the other skips)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, cache, _ = setup
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=str(here), OMP_NUM_THREADS="1")
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run(run + [str(here / "hf_child.py"), str(cache), str(root / "student"), str(tmp_path / "hf"), "3",
+                              "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(run + ["-m", "adakd.cli", "train-student", "--cache", str(cache), "--student", str(root / "student"),
+                              "--out", str(tmp_path / "ts"), "--max-steps", "3", "--grad-accum", "2", *TRAIN],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf = [h for h in json.loads((tmp_path / "hf" / "hf_log.json").read_text()) if "loss" in h]
+    ts = [json.loads(line) for line in (tmp_path / "ts" / "train_log.jsonl").read_text().splitlines()]
+    assert len(hf) == 3
+    assert hf[0]["loss"] == pytest.approx(ts[0]["loss"], rel=1e-4)
+    assert hf[0]["kd"] == pytest.approx(ts[0]["kd"], rel=1e-5)
