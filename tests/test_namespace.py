@@ -35,10 +35,10 @@ def test_the_wheel_holds_one_top_level_name(tmp_path):
 
 def test_no_source_imports_an_old_top_level_name():
     """A stray `from storage import ...` would work from a checkout (the root is on sys.path) and break once
-    installed; every import of our own code goes through adakd."""
+    installed; every import of our own code goes through adakd, in code and in the docs' examples."""
     pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(OLD_NAMES)})(\.|\s|$)", re.M)
     offenders = []
-    for path in ROOT.rglob("*.py"):
+    for path in [*ROOT.rglob("*.py"), *ROOT.rglob("*.md")]:
         if ".venv" in path.parts or "runs" in path.parts:
             continue
         for m in pattern.finditer(path.read_text()):
