@@ -19,13 +19,28 @@ ROW_TOKENS = 1024  # common.packing.DEFAULT_ROW_TOKENS, without importing torch
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
-@click.group(context_settings=CONTEXT)
+class _Command(click.Command):
+    """A command whose error message passes `storage.redact`: a store URI's credentials never reach a terminal."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            e.message = storage.redact(e.message)
+            raise
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(package_name="adakd")
 def main() -> None:
     """Offline knowledge distillation: cache a teacher once, train students with AdaKD from the cache."""
 
 
-@main.command("cache-teacher", context_settings=CONTEXT, short_help="Stage one: cache a teacher's sparse targets.", epilog="""\b
+@main.command("cache-teacher", cls=_Command, context_settings=CONTEXT, short_help="Stage one: cache a teacher's sparse targets.", epilog="""\b
 Example (the tiny real teacher shipped in ../shared, on TinyStories):
   cache-teacher --teacher ../shared/models/stories260K --data ../shared/data/tinystories/train.jsonl \\
       --out runs/stories-train --top-k 64 --engine hf
@@ -93,14 +108,57 @@ def cache_teacher_cmd(**o) -> None:
     try:
         summary = cache_teacher(cfg)
     except (DataError, EngineError, storage.CacheError) as e:
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {storage.redact(str(e))}", err=True)
         _finish(1)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: every shard listed in {cfg.out} is complete; re-run the same command to resume",
-                   err=True)
+        click.echo(f"\ninterrupted: every shard listed in {storage.redact(cfg.out)} is complete; re-run the same "
+                   "command to resume", err=True)
         _finish(INTERRUPTED)
-    click.echo(summary.format())
+    click.echo(storage.redact(summary.format()))
     _finish(0)
+
+
+def _local_copy(location: str, option: str) -> str:
+    """A model folder on a store, downloaded into a temporary directory that goes when the command ends
+    (transformers loads directories); a local path as it is."""
+    if not storage.is_uri(location):
+        return location
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="adakd-model-")
+    click.get_current_context().call_on_close(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    try:
+        n = storage.get_folder(location, tmp)
+    except (storage.CacheError, OSError) as e:
+        raise click.ClickException(f"{option} {storage.redact(location)}: cannot be downloaded ({e})") from e
+    if not n:
+        raise click.ClickException(f"{option} {storage.redact(location)}: no files there; give a model folder, such "
+                                   "as train-student's OUT/final")
+    return tmp
+
+
+def _local_output(target: str) -> str:
+    """Where a command writes an output file: `target` itself, or for a store URI a temporary file that
+    `_publish_output` uploads once it is complete (an object store has no partial files to show)."""
+    if not storage.is_uri(target):
+        return target
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="adakd-output-")
+    click.get_current_context().call_on_close(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    return os.path.join(tmp, target.partition("?")[0].rstrip("/").rsplit("/", 1)[-1] or "output")
+
+
+def _publish_output(local: str, target: str, option: str) -> None:
+    if local == target:
+        return
+    try:
+        storage.put_file(local, target)
+    except (storage.CacheError, OSError) as e:
+        raise click.ClickException(f"{option} {storage.redact(target)}: cannot be written ({e}); check the bucket, "
+                                   "credentials and endpoint (docs/object-stores.md)") from e
 
 
 def _finish(code: int) -> None:
@@ -114,7 +172,7 @@ def _finish(code: int) -> None:
     sys.exit(code)
 
 
-@main.command("train-student", context_settings=CONTEXT, short_help="Stage two: train a student from a cache (AdaKD).", epilog="""\b
+@main.command("train-student", cls=_Command, context_settings=CONTEXT, short_help="Stage two: train a student from a cache (AdaKD).", epilog="""\b
 Example (a 2-layer student of the teacher's shape, random init, AdaKD over reverse KL):
   train-student --cache runs/stories-train --student runs/student.json --out runs/student --max-steps 300
 Under torchrun: torchrun --nproc_per_node 8 -m adakd.cli train-student --config run.yaml
@@ -122,7 +180,7 @@ Guide: docs/train-student.md""")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (names as below, dashes or underscores); command-line options override it.")
 @click.option("--cache", help="Cache written by cache-teacher.")
 @click.option("--student", help="Student: a Hugging Face model directory (pretrained) or a config.json (random init).")
-@click.option("--out", help="Output directory: checkpoints/, final/, train_log.jsonl.")
+@click.option("--out", help="Output directory: checkpoints/, final/, train_log.jsonl; a local path or a store URI such as s3://bucket/student (docs/object-stores.md).")
 @click.option("--loss", type=click.Choice(LOSSES), default="rkl", show_default=True, help="Base divergence (forward/reverse KL, Jensen-Shannon, skew forward/reverse KL, total variation, adaptive KL, alpha-beta divergence).")
 @click.option("--adakd/--no-adakd", default=True, show_default=True, help="AdaKD (LATF + IDTS) on top of the base divergence.")
 @click.option("--no-latf", is_flag=True, help="AdaKD without token focusing (ablation).")
@@ -169,7 +227,8 @@ Guide: docs/train-student.md""")
 def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     """Stage two: train a student on a cache with sparse-target KD and AdaKD (resumes from OUT/checkpoints)."""
     from adakd.trainer.adakd import AdaKDConfig
-    from adakd.trainer.checkpoint import CheckpointError, check_writable
+    from adakd.trainer.checkpoint import CheckpointError
+    from adakd.trainer.outdir import check_out
     from adakd.trainer.kd_loss import LossConfig
     from adakd.trainer.train import TrainConfig, TrainError, train
 
@@ -212,20 +271,20 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             progress=not o["no_progress"], live_teacher=o["live_teacher"], max_length=o["max_length"],
             router_aux_loss=o["router_aux_loss"],
         )
-        check_writable(cfg.out)  # before any work
+        check_out(cfg.out)  # before any work
         result = train(cfg)
     except (ValueError, TrainError, CheckpointError, storage.CacheError) as e:  # CacheError: damage met mid-run
         raise click.ClickException(str(e)) from e
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:
-            click.echo(f"\ninterrupted: the last checkpoint in {cfg.out}/checkpoints is intact; re-run the same "
-                       "command to resume from it", err=True)
+            click.echo(f"\ninterrupted: the last checkpoint in {storage.redact(storage.join_uri(cfg.out, 'checkpoints'))} "
+                       "is intact; re-run the same command to resume from it", err=True)
         sys.exit(INTERRUPTED)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["last"]
-        where = f"student in {result['final']}" if result["final"] else "stopped early: re-run to continue"
+        where = f"student in {storage.redact(result['final'])}" if result["final"] else "stopped early: re-run to continue"
         click.echo(f"trained {result['steps']}/{result['total']} steps; last loss {last.get('loss', float('nan')):.4f}; "
-                   f"{where}; log in {result['log']}")
+                   f"{where}; log in {storage.redact(result['log'])}")
 
 
 @main.command("eval", short_help="Score a student: cache, live teacher, generation.", epilog="""\b
@@ -233,11 +292,11 @@ Examples:
   adakd eval --model runs/student/final --cache runs/stories-test
   adakd eval --model runs/student/final --data ../shared/data/dolly/test.jsonl --limit 50
   adakd eval --model runs/student/final --teacher ../shared/models/stories260K --data ../shared/data/tinystories/test.jsonl""")
-@click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory) to evaluate.")
+@click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory, or a store URI such as s3://bucket/student/final, downloaded for the run) to evaluate.")
 @click.option("--teacher", "teacher_dir", default=None, help="Teacher directory, run live: exact full-vocabulary KL(teacher || student) and KL(student || teacher), both models' NLL and top-1 agreement, on the sequences of --cache or of the --data file read as cache-teacher reads it (instead of generation).")
 @click.option("--cache", help="Held-out cache: NLL, KL(teacher || student) on the cached support, top-1 agreement.")
 @click.option("--data", help="jsonl of `prompt`/`output` lines (MiniLLM/DistiLLM) or chat `messages` lines (the last assistant turn is the reference): generate and score ROUGE-L.")
-@click.option("--out-file", default=None, help="Where generations go [default: MODEL/generations.jsonl].")
+@click.option("--out-file", default=None, help="Where generations go, a local path or a store URI [default: MODEL/generations.jsonl].")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation: tokens generated per prompt at most.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Generation: prompts per batch.")
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
@@ -258,6 +317,9 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
 
     from adakd.trainer.evaluate import EvalDataError, evaluate_cache, evaluate_generation
     from adakd.trainer.student import StudentError
+
+    model_uri = model_dir
+    model_dir = _local_copy(model_dir, "--model")
 
     if teacher_dir:
         from adakd.trainer.teacher_eval import evaluate_teacher, format_line
@@ -285,10 +347,13 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
                        f"top-1 agreement {r['top1_agreement']:.2%}")
             result["cache"] = r
         if data:
-            out_file = out_file or os.path.join(model_dir, "generations.jsonl")
-            r = evaluate_generation(model_dir, data, out_file, max_new_tokens, batch_size, do_sample, temperature,
+            out_file = out_file or storage.join_uri(model_uri, "generations.jsonl")
+            local_out = _local_output(out_file)
+            r = evaluate_generation(model_dir, data, local_out, max_new_tokens, batch_size, do_sample, temperature,
                                     top_p, seed, limit)
-            click.echo(f"generation: {r['n']} prompts  ROUGE-L {r['rougeL']:.2f}  (generations in {out_file})")
+            _publish_output(local_out, out_file, "--out-file")
+            click.echo(f"generation: {r['n']} prompts  ROUGE-L {r['rougeL']:.2f}  (generations in "
+                       f"{storage.redact(out_file)})")
             result["generation"] = r
     except (StudentError, EvalDataError, storage.CacheError) as e:
         raise click.ClickException(str(e)) from e
@@ -309,35 +374,48 @@ def demo(out: str, fast: bool, engine: str, seeds: int) -> None:
 
     if seeds < 1:
         raise click.BadParameter("must be at least 1", param_hint="--seeds")
+    if storage.is_uri(out):
+        raise click.BadParameter("the demo writes a local directory (its caches, students and report); give a local "
+                                 "path", param_hint="--out")
     cfg = demo_mod.DemoConfig.fast(out) if fast else demo_mod.DemoConfig(out=out, engine=engine, seeds=seeds)
     if fast:
         cfg.engine = engine
     demo_mod.demo(cfg)
 
 
-@main.command(short_help="Check every shard of a cache; exit 1 on a problem.", epilog="""\b
-Example:
-  adakd verify runs/stories-train""")
+@main.command(short_help="Check every shard of a cache; exit 1 on a problem or a missing worker.", epilog="""\b
+Examples:
+  adakd verify runs/stories-train
+  adakd verify s3://bucket/cache --allow-incomplete    (while workers are still running)""")
 @click.argument("cache")
-def verify(cache: str) -> None:
-    """Check every shard of CACHE (checksums, schema, decoding, counts); exit 1 on any problem."""
+@click.option("--allow-incomplete", is_flag=True, help="A worker that has not finished is a warning, not a problem (check a cache still being written).")
+def verify(cache: str, allow_incomplete: bool) -> None:
+    """Check every shard of CACHE (checksums, schema, decoding, counts) and that every worker finished; exit 1
+    on any problem."""
     report = storage.verify_cache(cache)
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
+    for w in report.warnings + (report.incomplete if allow_incomplete else []):
+        click.echo(f"warning: {storage.redact(w)}", err=True)
     for p in report.problems:
-        click.echo(f"problem: {p}", err=True)
+        click.echo(f"problem: {storage.redact(p)}", err=True)
+    for w in report.incomplete if not allow_incomplete else []:
+        click.echo(f"problem: {storage.redact(w)}", err=True)
+    if report.incomplete and not allow_incomplete:
+        click.echo(f"problem: {storage.redact(report.cache)}: the cache is incomplete ({report.workers_done}/"
+                   f"{report.workers} workers done); finish (or resume) cache-teacher for the missing workers, or pass "
+                   "--allow-incomplete to check only what is there", err=True)
     click.echo(
-        f"{report.cache}: {report.shards_ok}/{report.shards} shards ok, {report.positions:,} positions decoded, "
-        f"{len(report.problems)} problem(s), {len(report.warnings)} warning(s)"
+        f"{storage.redact(report.cache)}: {report.shards_ok}/{report.shards} shards ok, {report.positions:,} positions "
+        f"decoded, {report.workers_done}/{report.workers} workers done, {len(report.problems)} problem(s), "
+        f"{len(report.warnings)} warning(s)"
     )
-    sys.exit(0 if report.ok else 1)
+    sys.exit(0 if report.ok and (allow_incomplete or not report.incomplete) else 1)
 
 
 @main.command(short_help="Summarize a cache: sizes, coverage, plot.", epilog="""\b
 Example:
   adakd inspect runs/stories-train --plot runs/coverage.png""")
 @click.argument("cache")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write histograms of top-k mass and top-1 probability to this PNG.")
+@click.option("--plot", "plot_path", help="Write histograms of top-k mass and top-1 probability to this PNG (a local path or a store URI).")
 @click.option("--max-positions", type=int, default=2_000_000, show_default=True, help="Positions decoded (from the start) for the coverage statistics; 0 for all.")
 def inspect(cache: str, plot_path: str | None, max_positions: int | None) -> None:
     """Summarize CACHE: teacher, tokenizer, k, shards, sequences, tokens, bytes, coverage."""
@@ -347,8 +425,10 @@ def inspect(cache: str, plot_path: str | None, max_positions: int | None) -> Non
         raise click.ClickException(str(e)) from e
     click.echo(storage.format_summary(s))
     if plot_path:
-        storage.plot_summary(s, plot_path)
-        click.echo(f"plot written to {plot_path}")
+        local = _local_output(plot_path)
+        storage.plot_summary(s, local)
+        _publish_output(local, plot_path, "--plot")
+        click.echo(f"plot written to {storage.redact(plot_path)}")
 
 
 def cache_teacher_main() -> None:

@@ -9,6 +9,7 @@ from .errors import (
     CacheNotFoundError,
     CacheVersionError,
 )
+from .fs import CacheDir, get_folder, is_uri, join_uri, put_file, redact
 from .manifest import CacheInfo, CacheManifest
 from .reader import CacheReader, Cursor, SequenceStream
 from .sequence import SequenceTargets
@@ -16,8 +17,8 @@ from .shard import FORMAT_VERSION, KINDS, DecodedBlock, Encoding
 from .writer import CacheWriter
 
 __all__ = [
-    "CacheCorruptError", "CacheError", "CacheInfo", "CacheLockedError", "CacheManifest", "CacheMismatchError",
+    "CacheCorruptError", "CacheDir", "CacheError", "CacheInfo", "CacheLockedError", "CacheManifest", "CacheMismatchError",
     "CacheNotFoundError", "CacheReader", "CacheVersionError", "CacheWriter", "Cursor", "DecodedBlock", "Encoding",
     "FORMAT_VERSION", "KINDS", "SequenceStream", "SequenceTargets", "VerifyReport", "format_summary", "plot_summary",
-    "summarize", "verify_cache",
+    "get_folder", "is_uri", "join_uri", "put_file", "redact", "summarize", "verify_cache",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CacheError
-from .fs import CacheDir
+from .fs import CacheDir, redact
 from .manifest import CacheManifest, load_manifest
 from .reader import load_shard
 from .writer import SHARD_DIR
@@ -19,18 +19,30 @@ class VerifyReport:
     cache: str
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)  # workers not finished (a problem for `adakd verify`)
     shards_ok: int = 0
     shards: int = 0
     positions: int = 0
+    workers: int = 0
+    workers_done: int = 0
 
     @property
     def ok(self) -> bool:
+        """Every byte listed is right (a cache still being written can be ok; see `complete`)."""
         return not self.problems
+
+    @property
+    def complete(self) -> bool:
+        """Every worker finished: the cache holds all of its data."""
+        return not self.incomplete and self.workers_done == self.workers
 
 
 def verify_cache(uri: str | os.PathLike) -> VerifyReport:
     """Check checksums, schema, decodability and counts of every shard; never raises on bad data."""
-    cache = CacheDir.open(uri)
+    try:
+        cache = CacheDir.open(uri)
+    except CacheError as e:  # a URI pyarrow cannot open
+        return VerifyReport(cache=redact(os.fspath(uri)), problems=[str(e)])
     report = VerifyReport(cache=cache.uri)
     try:
         manifest = load_manifest(cache)
@@ -68,12 +80,15 @@ def verify_cache(uri: str | os.PathLike) -> VerifyReport:
             report.warnings.append(f"{cache.path(rel)}: temporary file of an interrupted write (ignored)")
         elif rel not in listed:
             report.warnings.append(f"{cache.path(rel)}: not in any manifest (left by a crash; ignored, rewritten on resume)")
+    report.workers = manifest.info.num_workers
     for i in range(manifest.info.num_workers):
         w = manifest.workers.get(i)
         if w is None:
-            report.warnings.append(f"worker {i} of {manifest.info.num_workers} has not written anything yet")
+            report.incomplete.append(f"worker {i} of {manifest.info.num_workers} has not written anything yet")
         elif not w.complete:
-            report.warnings.append(f"worker {i} of {manifest.info.num_workers} is not complete (resume it)")
+            report.incomplete.append(f"worker {i} of {manifest.info.num_workers} is not complete (resume it)")
+        else:
+            report.workers_done += 1
     return report
 
 

@@ -18,6 +18,42 @@ from .errors import CacheCorruptError, CacheError
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._-]+$")
 
+# credentials a URI can carry: user info (s3://KEY:SECRET@bucket/...) and query parameters; the parameter
+# names are pyarrow's (S3, GCS) plus the usual ones of other stores, so that any of them is safe to print
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#:]*:[^/@\s?#]*@")  # user:password@ (a bare
+# user@, such as abfs://container@account or hdfs://user@namenode, names no secret and stays)
+_SECRET_PARAMS = ("access_key", "secret_key", "session_token", "access_token", "token", "password", "sas_token",
+                  "account_key", "credentials", "credential")
+_SECRET_PARAM = re.compile(r"(?i)((?:^|[?&;\s'\"(])(?:" + "|".join(_SECRET_PARAMS) + r")=)[^&\s'\")]*")
+REDACTED = "***"
+
+
+def redact(text: str | os.PathLike) -> str:
+    """`text` (a URI, or a message that contains URIs) with every credential in a URI replaced by ***.
+
+    Users put keys into store URIs (`s3://KEY:SECRET@bucket/x`, `?secret_key=...`); messages, logs and saved
+    configurations name those URIs, and terminals, CI logs and issue reports are not places for secrets.
+    """
+    text = os.fspath(text)
+    return _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, _USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text))
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for a store URI (s3://, gs://, hdfs://, ...); local paths and file:// URIs are local."""
+    location = os.fspath(location)
+    return "://" in location and not location.startswith("file://")
+
+
+def join_uri(location: str | os.PathLike, rel: str) -> str:
+    """`rel` under a local path or a URI; a URI's query string (endpoint, region) stays at the end."""
+    location = os.fspath(location)
+    if not rel:
+        return location
+    if not is_uri(location):
+        return os.path.join(location, rel)
+    base, sep, query = location.partition("?")
+    return f"{base.rstrip('/')}/{rel}{sep}{query}"
+
 
 def safe_relpath(rel: str, what: str = "path") -> str:
     """Refuse a manifest path that could leave the cache directory."""
@@ -31,7 +67,8 @@ def safe_relpath(rel: str, what: str = "path") -> str:
 
 @dataclass(frozen=True)
 class CacheDir:
-    """A cache root; all paths it takes are relative to it and checked by `safe_relpath`."""
+    """A cache root (or any folder on a store: train-student's --out); all paths it takes are relative to it
+    and checked by `safe_relpath`. `uri` is for messages: its credentials are redacted."""
 
     uri: str
     fs: pafs.FileSystem
@@ -40,12 +77,12 @@ class CacheDir:
     @classmethod
     def open(cls, uri: str | os.PathLike) -> "CacheDir":
         uri = os.fspath(uri)
-        if "://" in uri and not uri.startswith("file://"):
+        if is_uri(uri):
             try:
                 fs, root = pafs.FileSystem.from_uri(uri)
             except Exception as e:  # pyarrow raises several types here
-                raise CacheError(f"cannot open cache location {uri!r}: {e}") from e
-            return cls(uri, fs, root.rstrip("/"))
+                raise CacheError(f"cannot open cache location {redact(uri)!r}: {redact(str(e))}") from e
+            return cls(redact(uri), fs, root.rstrip("/"))
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return cls(uri, pafs.LocalFileSystem(), os.path.abspath(path))
 
@@ -128,6 +165,51 @@ class CacheDir:
 
     def remove(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
+
+    # -- whole files and folders (train-student's --out on a store) -------------------------------
+    def files(self, rel: str | None = None) -> list[str]:
+        """Every file under the folder `rel` (the root if None), as paths relative to it (sorted); [] if none."""
+        base = self.path(rel) if rel else self.root
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    def upload(self, local: str | os.PathLike, rel: str) -> None:
+        """Copy a local file to `rel`; on an object store it appears only once complete."""
+        with open(local, "rb") as f:
+            data = f.read()
+        if "/" in rel:
+            self.makedirs(rel.rsplit("/", 1)[0])
+        self.write_atomic(rel, data)
+
+    def download(self, rel: str, local: str | os.PathLike) -> None:
+        """Copy `rel` to a local file (its folder is made)."""
+        local = os.fspath(local)
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        with open(local, "wb") as f:
+            f.write(self.read_bytes(rel))
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete the folder `rel` and everything under it (nothing if it is not there)."""
+        if self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.path(rel))
+
+
+def put_file(local: str | os.PathLike, target: str) -> None:
+    """Copy a finished local file to `target`, a store URI naming the file (for outputs such as plots)."""
+    base, _, query = target.partition("?")
+    folder, _, name = base.rstrip("/").rpartition("/")
+    CacheDir.open(f"{folder}{'?' + query if query else ''}").upload(local, name)
+
+
+def get_folder(uri: str, local: str | os.PathLike) -> int:
+    """Copy every file of the store folder `uri` into the local folder `local`; returns how many."""
+    d = CacheDir.open(uri)
+    files = d.files()
+    for rel in files:
+        d.download(rel, os.path.join(local, rel))
+    return len(files)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -26,10 +26,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from hypothesis import strategies as st
-
-from adakd.storage import CacheError, CacheReader, CacheWriter, SequenceTargets, verify_cache
+from adakd.storage import (
+    CacheError,
+    CacheReader,
+    CacheWriter,
+    Encoding,
+    SequenceTargets,
+    verify_cache,
+)
 from adakd.storage.manifest import _checksum
+from hypothesis import strategies as st
 
 PAGE = 4096
 HOSTILE_PATHS = ("../x.arrow", "../../etc/passwd", "/etc/passwd", "shards/../../outside.arrow", "shards/./a.arrow",
@@ -37,16 +43,61 @@ HOSTILE_PATHS = ("../x.arrow", "../../etc/passwd", "/etc/passwd", "shards/../../
                  "shards/ü.arrow", "manifest-00000.json", "shards/00000-000000.arrow/..")
 
 
-def build_pristine(path: Path, records: int = 30) -> None:
-    """Two workers, six shards of several blocks each: every kind of file a cache has."""
+KINDS = ("topk", "sampled", "hybrid")  # what a cache can hold: format version 1, then version 2 twice
+SAMPLES = 16  # draws per trained position in the sampled and hybrid caches
+HYBRID_K = 4
+
+
+def build_pristine(path: Path, records: int = 30, kind: str = "topk") -> None:
+    """Two workers, six shards of several blocks each: every kind of file a cache has. `kind`: top-k targets
+    (format version 1), or the teacher's draws over the whole vocabulary (`sampled`) or over the tail outside
+    a top-4 head (`hybrid`), both format version 2, with exact teacher distributions behind them."""
     from helpers import make_info, make_sequence
 
-    rng = np.random.default_rng(0)
-    info = make_info(num_workers=2)
+    rng = np.random.default_rng({"topk": 0, "sampled": 1, "hybrid": 2}[kind])
+    if kind == "topk":
+        info, k = make_info(num_workers=2), 16
+    else:
+        k = 0 if kind == "sampled" else HYBRID_K
+        enc = Encoding(k=k, vocab_size=300, kind=kind, samples=SAMPLES)
+        info = make_info(k=k, num_workers=2, encoding=enc, target_kind=kind)
     for worker in (0, 1):
-        with CacheWriter(path, info, worker_index=worker, shard_positions=150, block_positions=50) as w:
+        with CacheWriter(path, info, worker_index=worker, shard_positions=60, block_positions=20) as w:
             for r in range(worker, records, 2):
-                w.add(make_sequence(rng, r, 300, 16)[0], progress={"next": r + 1})
+                seq, full = make_sequence(rng, r, 300, k)
+                if kind != "topk":
+                    _draw(rng, seq, full, SAMPLES)
+                w.add(seq, progress={"next": r + 1})
+
+
+def _draw(rng: np.random.Generator, seq: SequenceTargets, full: np.ndarray, n: int) -> None:
+    """The teacher's N draws at each trained position, from its exact distribution outside the top-k head."""
+    p = np.exp(full.astype(np.float64))
+    np.put_along_axis(p, seq.topk_ids.astype(np.int64), 0.0, axis=1)
+    tail = p.sum(1)
+    sizes, ids, counts, lps = [], [], [], []
+    for i in range(len(p)):
+        c = rng.multinomial(n, p[i] / tail[i])
+        drawn = np.flatnonzero(c)
+        sizes.append(len(drawn))
+        ids.append(drawn)
+        counts.append(c[drawn])
+        lps.append(full[i, drawn])
+    seq.sample_sizes = np.array(sizes, np.int32)
+    seq.sample_ids = np.concatenate(ids).astype(np.int32)
+    seq.sample_counts = np.concatenate(counts).astype(np.int32)
+    seq.sample_logprobs = np.concatenate(lps).astype(np.float32)
+    if seq.topk_ids.shape[1]:
+        seq.tail_logmass = np.log(tail).astype(np.float32)
+
+
+def build_pristines(root: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+    """One pristine cache of each kind under `root`."""
+    out = {}
+    for kind in kinds:
+        build_pristine(root / kind, kind=kind)
+        out[kind] = root / kind
+    return out
 
 
 def snapshot(path: Path) -> dict[int, tuple[bytes, ...]]:
@@ -54,9 +105,17 @@ def snapshot(path: Path) -> dict[int, tuple[bytes, ...]]:
     return {s.record: _fingerprint(s) for s in CacheReader(path).stream()}
 
 
+SAMPLE_ARRAYS = ("sample_sizes", "sample_ids", "sample_counts", "sample_logprobs", "rest_logmass")
+
+
 def _fingerprint(s: SequenceTargets) -> tuple[bytes, ...]:
+    """Every number a read gives back: the top-k head and, in sampled and hybrid caches, the draws (a missing
+    array and an empty one differ, so a sampled read can never pass for a top-k one or back)."""
     arrays = [s.input_ids, s.loss_mask, s.topk_ids, s.topk_logprobs, s.target_logprob, s.tail_logmass]
-    return tuple(np.ascontiguousarray(a).tobytes() for a in arrays) + tuple(
+    shapes = tuple(repr(np.shape(a)).encode() for a in arrays)
+    draws = tuple(b"none" if getattr(s, f) is None else repr(np.shape(getattr(s, f))).encode()
+                  + np.ascontiguousarray(getattr(s, f)).tobytes() for f in SAMPLE_ARRAYS)
+    return tuple(np.ascontiguousarray(a).tobytes() for a in arrays) + shapes + draws + tuple(
         np.ascontiguousarray(s.extras[k]).tobytes() for k in sorted(s.extras))
 
 
@@ -105,12 +164,22 @@ def json_paths(body: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 @st.composite
-def damages(draw, files: list[str], manifest_paths: dict[str, list[tuple]]) -> Damage:
+def damages(draw, files: list[str], manifest_paths: dict[str, list[tuple]],
+            foreign: dict[str, list[str]] | None = None) -> Damage:
+    """One damage to a cache of `files`; `foreign`: other kinds' caches (kind -> their files), whose shards and
+    manifests a `foreign` damage puts in place of this cache's (re-signing the entry or not)."""
     shards = [f for f in files if f.startswith("shards/")]
     manifests = sorted(manifest_paths)
     kind = draw(st.sampled_from(["flip", "flip", "truncate", "zero_page", "append", "delete", "swap", "copy_over",
-                                 "special", "stray", "edit", "edit", "edit", "edit", "hostile_path", "forge"]))
+                                 "special", "stray", "edit", "edit", "edit", "edit", "hostile_path", "forge"]
+                                + (["foreign"] if foreign else [])))
     target = draw(st.sampled_from(files))
+    if kind == "foreign":  # a shard (or manifest) of a cache of another kind where this cache's is
+        source = draw(st.sampled_from(sorted(foreign)))
+        target = draw(st.sampled_from(shards + manifests))
+        same = [f for f in foreign[source] if f.startswith("shards/") == target.startswith("shards/")]
+        return Damage(kind, target, {"source": source, "file": draw(st.sampled_from(same)),
+                                     "resign": target.startswith("shards/") and draw(st.booleans())})
     if kind == "flip":
         return Damage(kind, target, {"flips": draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
                                                                       st.integers(0, 7)), min_size=1, max_size=8))})
@@ -146,13 +215,39 @@ def damages(draw, files: list[str], manifest_paths: dict[str, list[tuple]]) -> D
 
 
 @st.composite
-def cases(draw, files: list[str], manifest_paths: dict[str, list[tuple]]) -> list[Damage]:
-    one = damages(files, manifest_paths)  # single damages half the time: a second one can mask the first
+def cases(draw, files: list[str], manifest_paths: dict[str, list[tuple]],
+          foreign: dict[str, list[str]] | None = None) -> list[Damage]:
+    one = damages(files, manifest_paths, foreign)  # single damages half the time: a second one can mask the first
     return draw(st.one_of(st.lists(one, min_size=1, max_size=1), st.lists(one, min_size=2, max_size=3)))
 
 
-def apply(root: Path, d: Damage) -> None:
-    """Do one damage to the cache at `root`."""
+@dataclass
+class Layout:
+    """What the strategies need to know of one pristine cache."""
+
+    kind: str
+    path: Path
+    files: list[str]
+    manifest_paths: dict[str, list[tuple]]
+
+    @classmethod
+    def of(cls, kind: str, path: Path) -> "Layout":
+        files = files_of(path)
+        return cls(kind, path, files, {f: json_paths(json.loads((path / f).read_bytes()))
+                                       for f in files if f.startswith("manifest-")})
+
+
+@st.composite
+def kind_cases(draw, layouts: dict[str, Layout]) -> tuple[str, list[Damage]]:
+    """A cache kind, then a case against a cache of that kind (other kinds' files as foreign material)."""
+    kind = draw(st.sampled_from(sorted(layouts)))
+    me = layouts[kind]
+    foreign = {k: lay.files for k, lay in layouts.items() if k != kind}
+    return kind, draw(cases(me.files, me.manifest_paths, foreign or None))
+
+
+def apply(root: Path, d: Damage, sources: dict[str, Path] | None = None) -> None:
+    """Do one damage to the cache at `root`; `sources`: kind -> a pristine cache, for `foreign` damages."""
     f = root / d.target
     p = d.params
     if d.kind in ("flip", "truncate", "zero_page", "append", "copy_over", "swap", "special", "forge") and (
@@ -208,6 +303,14 @@ def apply(root: Path, d: Damage) -> None:
         f.write_bytes(src.read_bytes() if usable else b"stray")
     elif d.kind == "forge":
         _forge(root, d)
+    elif d.kind == "foreign":
+        src = (sources or {})[p["source"]] / p["file"]
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            return
+        data = src.read_bytes()
+        f.write_bytes(data)
+        if p["resign"]:
+            _resign_entry(root, d.target, data)
     elif d.kind in ("edit", "hostile_path"):
         _edit_manifest(root, d)
 
@@ -224,10 +327,15 @@ def _forge(root: Path, d: Damage) -> None:
     if d.params["truncate"] is not None:
         data = data[: int(d.params["truncate"] * len(data))]
     f.write_bytes(bytes(data))
+    _resign_entry(root, d.target, bytes(data))
+
+
+def _resign_entry(root: Path, target: str, data: bytes) -> None:
+    """Make every manifest entry of shard `target` say `data`'s size and sha256, and re-sign the manifest."""
     for m in root.glob("manifest-*.json"):
         body = _read_json(m)
         try:
-            entries = [e for e in body["shards"] if e.get("file") == d.target]
+            entries = [e for e in body["shards"] if e.get("file") == target]
         except (KeyError, TypeError, AttributeError):
             continue
         for e in entries:
@@ -321,8 +429,10 @@ class Outcome:
         return not self.failure
 
 
-def judge(root: Path, expected: dict[int, tuple[bytes, ...]], case: list[Damage], timeout: float = 20.0) -> Outcome:
-    """Run verify and a full read on a damaged cache; classify both against the oracle."""
+def judge(root: Path, expected: dict[int, tuple[bytes, ...]], case: list[Damage], timeout: float = 20.0,
+          encoding: Any = None) -> Outcome:
+    """Run verify and a full read on a damaged cache; classify both against the oracle. With `encoding` (the
+    pristine cache's), a read must also come with it: the kind, k, N and steps the numbers are used with."""
     name = str(root)
     forged = any(d.forged for d in case)
     resigned = any(d.resigned for d in case)
@@ -342,7 +452,10 @@ def judge(root: Path, expected: dict[int, tuple[bytes, ...]], case: list[Damage]
             reader = CacheReader(root)
             got = {s.record: _fingerprint(s) for s in reader.stream()}
         complete = reader.manifest.complete
-        if got == expected:
+        settings_changed = encoding is not None and reader.manifest.info.encoding != encoding
+        if got and settings_changed and not forged:
+            read, r_fail = "wrong settings", f"read with settings {reader.manifest.info.encoding}, not the cache's"
+        elif got == expected:
             read, r_fail = "correct", ""
         elif all(expected.get(r) == v for r, v in got.items()) and set(got) < set(expected):
             read = "incomplete" if not complete else "subset (re-signed)"
@@ -369,35 +482,43 @@ class FuzzResult:
     outcomes: Counter = field(default_factory=Counter)  # (verify, read) classes
     damages: Counter = field(default_factory=Counter)  # damage kinds tried
     failures: list[tuple[str, str]] = field(default_factory=list)  # (case, what went wrong)
+    kinds: dict[str, Counter] = field(default_factory=dict)  # cache kind -> its (verify, read) classes
 
 
-def fuzz(pristine: Path, work: Path, examples: int, seed: int | None = None) -> FuzzResult:
-    """Run `examples` hypothesis-drawn cases against copies of the pristine cache; collect the outcomes."""
+def fuzz(pristine: Path | dict[str, Path], work: Path, examples: int, seed: int | None = None) -> FuzzResult:
+    """Run `examples` hypothesis-drawn cases against copies of the pristine cache, or of the pristine caches of
+    several kinds (kind -> path: each case draws a kind, and may use the other kinds' files); collect the outcomes.
+
+    Each cache's expected numbers are read once; a case costs a copy of one small cache, its damages, one
+    verify and one full read."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hypothesis_seed
 
-    expected = snapshot(pristine)
-    files = files_of(pristine)
-    manifest_paths = {f: json_paths(json.loads((pristine / f).read_bytes())) for f in files if f.startswith("manifest-")}
+    pristines = pristine if isinstance(pristine, dict) else {"": pristine}
+    layouts = {k: Layout.of(k, p) for k, p in pristines.items()}
+    expected = {k: snapshot(p) for k, p in pristines.items()}
+    encodings = {k: CacheReader(p).manifest.info.encoding for k, p in pristines.items()}
     result = FuzzResult()
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
               suppress_health_check=list(HealthCheck), phases=("generate",))
-    @given(cases(files, manifest_paths))
-    def one(case: list[Damage]) -> None:
+    @given(kind_cases(layouts))
+    def one(drawn: tuple[str, list[Damage]]) -> None:
+        kind, case = drawn
         root = work / f"case-{result.cases}"
-        shutil.copytree(pristine, root, symlinks=True)
+        shutil.copytree(pristines[kind], root, symlinks=True)
         try:
             for d in case:
-                apply(root, d)
-            outcome = judge(root, expected, case)
+                apply(root, d, pristines)
+            outcome = judge(root, expected[kind], case, encoding=encodings[kind])
         finally:
             shutil.rmtree(root, ignore_errors=True)
         result.cases += 1
         result.outcomes[(outcome.verify, outcome.read)] += 1
+        result.kinds.setdefault(kind, Counter())[(outcome.verify, outcome.read)] += 1
         result.damages.update(d.kind for d in case)
         if not outcome.ok:
-            result.failures.append((" + ".join(map(str, case)), outcome.failure))
+            result.failures.append(((f"{kind}: " if kind else "") + " + ".join(map(str, case)), outcome.failure))
 
     (hypothesis_seed(seed)(one) if seed is not None else one)()
     return result

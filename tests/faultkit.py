@@ -4,6 +4,15 @@ Runs the real command line in a child process (`fault_child.py`), kills it (SIGK
 after a delay) or limits its file size (RLIMIT_FSIZE), and checks what it leaves behind: a cache whose
 listed shards are byte-identical to an uninterrupted run's, a checkpoint directory whose `latest` is
 complete, a training log whose losses match an uninterrupted run's.
+
+Caches on an object store (s3://, tests/s3server.py) are written with no local system calls to arm, so
+their faults are armed one level up, on the cache's uploads (`child_main`, run instead of fault_child.py
+when they are used):
+  put:K[:NAME]     the K-th upload has sent half its bytes into the store's output stream, then SIGKILL
+                   (an upload never completed: a store publishes an object only on completion)
+  putted:K[:NAME]  SIGKILL just after the K-th upload completed (a shard published, its manifest not yet)
+and, with $ADAKD_STORE_MARK set, the child creates that file when its first upload begins (what a kill at a
+random moment of the writing waits for).
 """
 
 from __future__ import annotations
@@ -47,7 +56,10 @@ def run_cli(argv: list[str], arms: tuple[str, ...] = (), kill_after: float | Non
         log, out_path, err_path = (Path(tmp) / n for n in ("faults", "stdout", "stderr"))
         full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), ADAKD_FAULT_LOG=str(log),
                         OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-        cmd = [sys.executable, str(CHILD)] + [x for a in arms for x in ("--arm", a)] + ["--", *argv]
+        entry = [str(CHILD)]
+        if any(a.split(":")[0] in STORE_FAULTS for a in arms) or "ADAKD_STORE_MARK" in (env or {}):
+            entry = ["-c", "import sys, faultkit; faultkit.child_main(sys.argv[1:])"]
+        cmd = [sys.executable, *entry] + [x for a in arms for x in ("--arm", a)] + ["--", *argv]
 
         def limit() -> None:
             if fsize is not None:
@@ -77,6 +89,50 @@ def run_cli(argv: list[str], arms: tuple[str, ...] = (), kill_after: float | Non
     if timed and proc.returncode == -signal.SIGKILL and not hit:
         hit = [f"time: {wall:.2f} s after start"]
     return Run(proc.returncode, out, err, wall, hit)
+
+
+# -- faults on an object store's uploads (in the child) -------------------------------------------
+STORE_FAULTS = ("put", "putted")
+
+
+def child_main(argv: list[str]) -> None:
+    """fault_child.py's main, with the object-store arms (`put`, `putted`) and $ADAKD_STORE_MARK added."""
+    import fault_child
+    from adakd.storage.fs import CacheDir
+
+    split = argv.index("--")
+    opts, rest = argv[:split], []
+    store = []
+    for i in range(0, len(opts), 2):
+        (store if opts[i + 1].split(":")[0] in STORE_FAULTS else rest).append(opts[i + 1])
+    real = CacheDir.write_atomic
+    mark = os.environ.get("ADAKD_STORE_MARK")
+    calls: dict[str, int] = {}
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        if self.is_local:
+            return real(self, rel, data)
+        if mark and not os.path.exists(mark):
+            open(mark, "w").close()
+        name = os.path.basename(rel)
+        for spec in store:
+            kind, at, *match = spec.split(":", 2)
+            if match and match[0] not in name:
+                continue
+            calls[spec] = calls.get(spec, 0) + 1
+            if calls[spec] != int(at):
+                continue
+            if kind == "put":
+                stream = self.fs.open_output_stream(self.path(rel))
+                stream.write(data[: max(1, len(data) // 2)])
+                fault_child.die(f"put #{at}: {name} half uploaded")
+            out = real(self, rel, data)
+            fault_child.die(f"put #{at}: just after uploading {name}")
+            return out
+        return real(self, rel, data)
+
+    CacheDir.write_atomic = write_atomic
+    fault_child.main([x for a in rest for x in ("--arm", a)] + argv[split:])
 
 
 # -- meetings (fault_child's `meet` arm) ----------------------------------------------------------
@@ -120,14 +176,39 @@ def capture_setup(root: Path, records: int = 40, seed: int = 5) -> CaptureSetup:
     return CaptureSetup(build_teacher(root / "teacher"), write_jsonl(root / "data.jsonl", instruction_rows(records, seed)))
 
 
-def shard_files(cache: Path) -> dict[str, bytes]:
-    """The bytes of every shard the cache's manifests list, by name."""
+def shard_files(cache: Path | str) -> dict[str, bytes]:
+    """The bytes of every shard the cache's manifests list, by name (a local cache or a store URI)."""
     from adakd.storage import CacheReader
+    from adakd.storage.fs import CacheDir
 
-    return {s.file: (cache / s.file).read_bytes() for s in CacheReader(cache).shards}
+    d = CacheDir.open(cache)
+    return {s.file: d.read_bytes(s.file) for s in CacheReader(cache).shards}
 
 
-def partial_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
+def _read(cache: Path | str, rel: str) -> bytes | None:
+    from adakd.storage import CacheError
+    from adakd.storage.fs import CacheDir
+
+    try:
+        return CacheDir.open(cache).read_bytes(rel)
+    except CacheError:
+        return None
+
+
+def stored_files(cache: Path | str) -> list[str]:
+    """Every file (object) under a cache, relative to it; lock files aside."""
+    import pyarrow.fs as pafs
+    from adakd.storage.fs import CacheDir
+
+    d = CacheDir.open(cache)
+    if d.fs.get_file_info(d.root).type != pafs.FileType.Directory:
+        return []
+    infos = d.fs.get_file_info(pafs.FileSelector(d.root, recursive=True))
+    return sorted(i.path[len(d.root) + 1:] for i in infos
+                  if i.type == pafs.FileType.File and not i.base_name.startswith(".lock"))
+
+
+def partial_cache_problems(cache: Path | str, reference: dict[str, bytes]) -> list[str]:
     """What is wrong with a cache left by a killed writer: it must verify, and every shard it lists must
     be the reference's shard of the same name (so what is there is final and a prefix of the data)."""
     from adakd.storage import CacheNotFoundError, CacheReader, verify_cache
@@ -142,14 +223,15 @@ def partial_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str
     listed = [s.file for s in reader.shards]
     if listed != names[: len(listed)]:
         problems.append(f"listed shards {listed} are not a prefix of {names}")
-    problems += [f"{f}: differs from the uninterrupted run's" for f in listed if (cache / f).read_bytes() != reference.get(f)]
+    problems += [f"{f}: differs from the uninterrupted run's" for f in listed if _read(cache, f) != reference.get(f)]
     if reader.manifest.complete and listed != names:
         problems.append("marked complete with shards missing")
     return problems
 
 
-def final_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
-    """A finished cache must be complete, verify without warnings, and hold exactly the reference shards."""
+def final_cache_problems(cache: Path | str, reference: dict[str, bytes]) -> list[str]:
+    """A finished cache must be complete, verify without warnings, and hold exactly the reference shards (and on
+    a store, no other shard objects: one left by a killed run is rewritten, never forgotten)."""
     from adakd.storage import CacheReader, verify_cache
 
     report = verify_cache(cache)
@@ -160,13 +242,17 @@ def final_cache_problems(cache: Path, reference: dict[str, bytes]) -> list[str]:
         got = shard_files(cache)
         if got != reference:
             problems.append(f"shards differ from the uninterrupted run: {sorted(set(got) ^ set(reference)) or 'content'}")
-    leftovers = [str(p.relative_to(cache)) for p in cache.rglob(".tmp-*")]
+    files = stored_files(cache)
+    leftovers = [f for f in files if os.path.basename(f).startswith(".tmp-")]
     if leftovers:
         problems.append(f"temporary files left: {leftovers}")
+    strays = [f for f in files if f.startswith("shards/") and f not in reference]
+    if strays:
+        problems.append(f"shard files no manifest lists: {strays}")
     return problems
 
 
-def listed_shards(cache: Path) -> int:
+def listed_shards(cache: Path | str) -> int:
     from adakd.storage import CacheError, CacheReader
 
     try:
@@ -217,27 +303,42 @@ class Campaign:
 
 
 def capture_campaign(setup: CaptureSetup, reference: dict[str, bytes], root: Path, kills: int, rng,
-                     first: tuple[str, ...] = (), time_share: float = 0.25, max_call: int = 4) -> Campaign:
+                     first: tuple[str, ...] = (), time_share: float = 0.25, max_call: int = 4,
+                     store: Callable[[str], str] | None = None, env: dict | None = None,
+                     window: float = 3.0) -> Campaign:
     """SIGKILL `cache-teacher` at `kills` moments: the `first` armed faults, then at the K-th low-level
     write / rename / fsync of a run (K drawn among the calls it has left) or at a random moment once it
     writes. Each run resumes the cache the last one left, which is checked after every kill; once a run
-    finishes, the cache is compared with the uninterrupted one and a new chain starts in a fresh directory."""
+    finishes, the cache is compared with the uninterrupted one and a new chain starts in a fresh directory.
+
+    With `store` (chain name -> a store URI, e.g. S3Server.uri) the caches live on an object store: the kills
+    come at the K-th upload, half sent (`put`) or just completed (`putted`), or at a random moment within
+    `window` seconds after the run's first upload began; `env` reaches the store. Local files `root` holds
+    only the random moments' marks."""
     c = Campaign()
     out = None
     planned = list(first)
+    faults = STORE_FAULTS if store else CAPTURE_FAULTS
+    root.mkdir(parents=True, exist_ok=True)
     while c.tried < kills:
         if out is None:
-            out = root / f"chain-{len(c.finals)}"
-        left = len(reference) - listed_shards(out)  # each shard: about 2 writes, 2 renames, 4 fsyncs
+            name = f"chain-{len(c.finals)}"
+            out = store(name) if store else root / name
+        left = len(reference) - listed_shards(out)  # each shard: about 2 writes, 2 renames, 4 fsyncs (2 uploads)
         if planned:
             arm = planned.pop(0)
-            r = run_cli(setup.argv(out), arms=(arm,))
+            r = run_cli(setup.argv(out), arms=(arm,), env=env)
         elif rng.random() < time_share:
             arm = "time"
-            r = run_cli(setup.argv(out), kill_when=writing_since(out, time.time()), kill_after=rng.uniform(0.0, 0.1))
+            if store:
+                mark = root / f"mark-{c.tried}-{len(c.kills)}-{time.monotonic_ns()}"
+                r = run_cli(setup.argv(out), kill_when=mark.exists, kill_after=rng.uniform(0.0, window),
+                            env={**(env or {}), "ADAKD_STORE_MARK": str(mark)})
+            else:
+                r = run_cli(setup.argv(out), kill_when=writing_since(out, time.time()), kill_after=rng.uniform(0.0, 0.1))
         else:
-            arm = f"{rng.choice(CAPTURE_FAULTS)}:{rng.randint(1, max(1, min(max_call, 2 * left)))}"
-            r = run_cli(setup.argv(out), arms=(arm,))
+            arm = f"{rng.choice(faults)}:{rng.randint(1, max(1, min(max_call, 2 * left)))}"
+            r = run_cli(setup.argv(out), arms=(arm,), env=env)
         if r.killed:
             c.kills.append(Kill(arm, True, r.hit[-1] if r.hit else "", partial_cache_problems(out, reference)))
         elif r.rc != 0:
@@ -246,7 +347,7 @@ def capture_campaign(setup: CaptureSetup, reference: dict[str, bytes], root: Pat
             c.finals.append(final_cache_problems(out, reference))
             out = None
     if out is not None:
-        final = run_cli(setup.argv(out))
+        final = run_cli(setup.argv(out), env=env)
         c.finals.append(final_cache_problems(out, reference) if final.rc == 0 else [f"resume failed: {final.err[-2000:]}"])
     return c
 
@@ -307,13 +408,17 @@ def resume_step(out: Path) -> int:
     return int(ckpt.name.split("-")[1]) if ckpt else 0
 
 
-def checkpoint_problems(out: Path) -> list[str]:
+def checkpoint_problems(out: Path, store: bool = False) -> list[str]:
     """The checkpoint a re-run would resume from must be complete: every file readable, the step it says;
-    so must every other `step-*` directory (they appear only by an atomic rename)."""
+    so must every other `step-*` directory (they appear only by an atomic rename). On a store (`out`: a local
+    copy of it) a step folder appears file by file, `state.json` last: one without it is an interrupted upload,
+    never resumed from, and every one with it must be complete."""
     from safetensors.torch import load_file
 
     problems = []
     for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        if store and not (ckpt / "state.json").exists():
+            continue
         try:
             state = json.loads((ckpt / "state.json").read_text())
             for f in ("optimizer.safetensors", "rng.safetensors", "model/model.safetensors"):
@@ -330,11 +435,11 @@ def checkpoint_problems(out: Path) -> list[str]:
     return problems
 
 
-def train_final_problems(out: Path, reference: Path) -> list[str]:
+def train_final_problems(out: Path, reference: Path, store: bool = False) -> list[str]:
     """A finished run must hold the uninterrupted run's losses at every step, bit for bit, and its weights."""
     from safetensors.torch import load_file
 
-    problems = checkpoint_problems(out)
+    problems = checkpoint_problems(out, store)
     got, want = train_losses(out), train_losses(reference)
     if got != want:
         diff = [s for s in sorted(set(got) | set(want)) if got.get(s) != want.get(s)]
@@ -354,33 +459,63 @@ def train_final_problems(out: Path, reference: Path) -> list[str]:
 TRAIN_FAULTS = ("step", "save", "rename", "replace", "fsync")
 
 
+STORE_TRAIN_FAULTS = ("step", "put", "putted")
+
+
+def download(uri: str, local: Path) -> Path:
+    """A fresh local copy of every object under a store folder (what the checks read)."""
+    import shutil
+
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    for rel in stored_files(uri):
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(_read(uri, rel) or b"")
+    return local
+
+
 def train_campaign(setup: TrainSetup, reference: Path, root: Path, kills: int, rng, first: tuple[str, ...] = (),
-                   time_share: float = 0.15) -> Campaign:
+                   time_share: float = 0.15, store: Callable[[str], str] | None = None, env: dict | None = None,
+                   window: float = 6.0) -> Campaign:
     """SIGKILL `train-student` at `kills` moments: the `first` armed faults, then before a random optimizer
     step, inside a random checkpoint file write, rename, `latest` replacement or fsync, or at a random
     moment once it logs. After each kill the checkpoints must be complete; each re-run must continue from
-    the last complete one; a finished run must match the uninterrupted one bit for bit."""
+    the last complete one; a finished run must match the uninterrupted one bit for bit.
+
+    With `store` (run name -> a store URI) --out is on an object store: the kills come before a random optimizer
+    step, at the K-th upload half sent (`put`) or just completed (`putted`), or at a random moment within
+    `window` seconds of the run's first upload; the checks read a fresh local copy of the store's folder."""
     c = Campaign()
     out = None
     planned = list(first)
+    root.mkdir(parents=True, exist_ok=True)
+    view = (lambda o: download(o, root / "view")) if store else (lambda o: o)
     while c.tried < kills:
         if out is None:
-            out = root / f"run-{len(c.finals)}"
-        start = resume_step(out)
+            name = f"run-{len(c.finals)}"
+            out = store(name) if store else root / name
+        start = resume_step(view(out))
         left = setup.steps - start
         ckpts = left // setup.save_every + 1  # checkpoints (and the final student) this run has to write
         if planned:
             arm = planned.pop(0)
-            r = run_cli(setup.argv(out), arms=(arm,))
+            r = run_cli(setup.argv(out), arms=(arm,), env=env)
         elif rng.random() < time_share:
             arm = "time"
-            r = run_cli(setup.argv(out), kill_when=writing_since_log(out, time.time()), kill_after=rng.uniform(0.0, 0.5))
+            if store:
+                mark = root / f"mark-{len(c.kills)}-{time.monotonic_ns()}"
+                r = run_cli(setup.argv(out), kill_when=mark.exists, kill_after=rng.uniform(0.0, window),
+                            env={**(env or {}), "ADAKD_STORE_MARK": str(mark)})
+            else:
+                r = run_cli(setup.argv(out), kill_when=writing_since_log(out, time.time()), kill_after=rng.uniform(0.0, 0.5))
         else:
-            kind = rng.choice(TRAIN_FAULTS)
-            top = {"step": left, "save": 3 * ckpts, "rename": ckpts, "replace": ckpts, "fsync": 10 * ckpts}[kind]
+            kind = rng.choice(STORE_TRAIN_FAULTS if store else TRAIN_FAULTS)
+            top = {"step": left, "save": 3 * ckpts, "rename": ckpts, "replace": ckpts, "fsync": 10 * ckpts,
+                   "put": 10 * ckpts, "putted": 10 * ckpts}[kind]
             arm = f"{kind}:{rng.randint(1, max(1, top))}"
-            r = run_cli(setup.argv(out), arms=(arm,))
-        steps = logged_steps(out)
+            r = run_cli(setup.argv(out), arms=(arm,), env=env)
+        seen = view(out)
+        steps = logged_steps(seen)
         # train-student drops the log lines past its checkpoint before it continues, so the log holds each step
         # once: lines past `start` are this run's, and a wrong resume point shows as a gap or a repeat
         new = [x for x in steps if x > start]
@@ -388,15 +523,16 @@ def train_campaign(setup: TrainSetup, reference: Path, root: Path, kills: int, r
         if steps != list(range(1, len(steps) + 1)):
             problems.append(f"the step log is not 1..n, each once: {steps}")
         if r.killed:
-            c.kills.append(Kill(arm, True, r.hit[-1] if r.hit else "", problems + checkpoint_problems(out)))
+            c.kills.append(Kill(arm, True, r.hit[-1] if r.hit else "", problems + checkpoint_problems(seen, bool(store))))
         elif r.rc != 0:
             raise RuntimeError(f"{arm}: exit {r.rc}\n{r.err[-3000:]}")
         else:
-            c.finals.append(problems + train_final_problems(out, reference))
+            c.finals.append(problems + train_final_problems(seen, reference, bool(store)))
             out = None
     if out is not None:
-        final = run_cli(setup.argv(out))
-        c.finals.append(train_final_problems(out, reference) if final.rc == 0 else [f"resume failed: {final.err[-2000:]}"])
+        final = run_cli(setup.argv(out), env=env)
+        c.finals.append(train_final_problems(view(out), reference, bool(store)) if final.rc == 0
+                        else [f"resume failed: {final.err[-2000:]}"])
     return c
 
 

@@ -67,3 +67,16 @@ def test_cli_constants_match_the_library():
 
     assert cli.ROW_TOKENS == DEFAULT_ROW_TOKENS
     assert set(cli.LOSSES) == set(DIVERGENCES)
+
+
+def test_verify_fails_on_a_missing_worker_unless_allowed(tmp_path):
+    rng = np.random.default_rng(0)
+    with CacheWriter(tmp_path / "c", make_info(k=16, num_workers=2), worker_index=0, shard_positions=200) as w:
+        for r in range(0, 10, 2):
+            w.add(make_sequence(rng, r, 300, 16)[0])
+    r = CliRunner().invoke(cli.main, ["verify", str(tmp_path / "c")])
+    assert r.exit_code == 1, r.output
+    assert "problem: worker 1 of 2 has not written anything yet" in r.output
+    assert "the cache is incomplete (1/2 workers done)" in r.output and "--allow-incomplete" in r.output
+    r = CliRunner().invoke(cli.main, ["verify", str(tmp_path / "c"), "--allow-incomplete"])
+    assert r.exit_code == 0 and "warning: worker 1 of 2 has not written anything yet" in r.output, r.output

@@ -105,7 +105,7 @@ def read_while_writing(out, want: dict) -> int | None:
     assert sorted(got) == sorted(want)[: len(got)]
     assert_same_numbers(got, {r: want[r] for r in got})
     if len(got) < len(want):
-        assert not reader.manifest.complete and any("not complete" in w for w in report.warnings)
+        assert not reader.manifest.complete and any("not complete" in w for w in report.incomplete)
     return len(got)
 
 

@@ -1,5 +1,6 @@
 """Damaged caches: hypothesis-drawn corruption (corruption.py) ends in a clear error naming the file or in
-exactly the undamaged numbers, never in wrong numbers, a hang or another exception; plus the cases it found."""
+exactly the undamaged numbers, never in wrong numbers, a hang or another exception; plus the cases it found.
+Top-k caches (format version 1) and sampled and hybrid ones (version 2) alike."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ import json
 import shutil
 
 import pytest
-from corruption import Damage, apply, build_pristine, fuzz, judge, snapshot, time_limit
-
 from adakd.storage import CacheCorruptError, CacheError, CacheReader, verify_cache
+from corruption import (
+    SAMPLE_ARRAYS,
+    Damage,
+    _fingerprint,
+    apply,
+    build_pristine,
+    build_pristines,
+    fuzz,
+    judge,
+    snapshot,
+    time_limit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +38,61 @@ def test_fuzzed_corruption_never_gives_wrong_numbers(pristine, tmp_path):
     assert {"error:CacheCorruptError", "correct", "incomplete"} <= reads, result.outcomes
     assert sum(n for (_, read), n in result.outcomes.items() if read.startswith("error")) > 150
     assert set(result.damages) >= {"flip", "truncate", "zero_page", "swap", "edit", "hostile_path", "special", "forge"}
+
+
+@pytest.fixture(scope="module")
+def pristines_v2(tmp_path_factory):
+    return build_pristines(tmp_path_factory.mktemp("pristine-v2"), kinds=("sampled", "hybrid"))
+
+
+def test_fuzzed_corruption_of_sampled_and_hybrid_caches_never_gives_wrong_numbers(pristines_v2, tmp_path):
+    """Format version 2: the draws' columns, the manifests' sampling settings, and shards or manifests of the
+    other kind put in place (`foreign`), re-signed or not."""
+    result = fuzz(pristines_v2, tmp_path, examples=150, seed=2)
+    assert result.cases == 150
+    assert not result.failures, result.failures[:5]
+    assert set(result.kinds) == {"sampled", "hybrid"}, result.kinds
+    reads = {read for _, read in result.outcomes}
+    assert {"error:CacheCorruptError", "correct"} <= reads, result.outcomes
+    assert sum(n for (_, read), n in result.outcomes.items() if read.startswith("error")) > 75
+    assert set(result.damages) >= {"flip", "truncate", "edit", "forge", "foreign"}, result.damages
+
+
+def test_the_oracle_sees_every_draw_array(pristines_v2):
+    """A read that differs from the pristine one only in its draws (ids, counts, sizes, log-probabilities, rest
+    mass) is not taken for a correct read; nor is a top-k read of the same head."""
+    import copy
+
+    import numpy as np
+
+    for kind, path in pristines_v2.items():
+        s = next(iter(CacheReader(path).stream()))
+        base = _fingerprint(s)
+        for f in SAMPLE_ARRAYS:
+            t = copy.deepcopy(s)
+            a = getattr(t, f)
+            a[0] = a[0] + 1 if a.dtype.kind == "i" else np.nextafter(a[0], np.float32(1))
+            assert _fingerprint(t) != base, (kind, f)
+        t = copy.deepcopy(s)
+        t.sample_sizes = t.sample_ids = t.sample_counts = t.sample_logprobs = t.rest_logmass = None
+        assert _fingerprint(t) != base, kind
+
+
+@pytest.mark.parametrize("kind,other", [("sampled", "topk"), ("sampled", "hybrid"), ("hybrid", "topk"),
+                                        ("hybrid", "sampled")])
+def test_a_resigned_shard_of_another_kind_is_a_clear_error(pristines_v2, tmp_path, kind, other):
+    """A shard of another cache kind put in place and re-signed: its header (format version, encoding) says so."""
+    sources = dict(pristines_v2)
+    if other == "topk":
+        build_pristine(tmp_path / "topk")
+        sources["topk"] = tmp_path / "topk"
+    victim = CacheReader(pristines_v2[kind]).shards[0].file
+    donor = CacheReader(sources[other]).shards[0].file
+    root = tmp_path / "c"
+    shutil.copytree(pristines_v2[kind], root)
+    apply(root, Damage("foreign", victim, {"source": other, "file": donor, "resign": True}), sources)
+    outcome = judge(root, snapshot(pristines_v2[kind]), [], encoding=CacheReader(pristines_v2[kind]).manifest.info.encoding)
+    assert outcome.ok and outcome.read.startswith("error") and victim in outcome.detail, outcome
 
 
 def _damaged(pristine, tmp_path, *case: Damage):

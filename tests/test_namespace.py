@@ -4,6 +4,7 @@ repository keeps pipeline/, trainer/, storage/ and cli.py at its root (pyproject
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,7 +19,14 @@ OLD_NAMES = ("cli", "demo", "storage", "pipeline", "trainer", "common")
 @pytest.mark.slow
 def test_the_wheel_holds_one_top_level_name(tmp_path):
     """What `pip install .` installs: every file of the wheel lies under adakd/ (or its .dist-info)."""
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    src = tmp_path / "src"  # the checkout's files only (no build/ or egg-info left by an earlier build)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    for rel in listed:
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("adakd-*.whl")

@@ -32,6 +32,11 @@ def open_log(path: Path, start: int):
     return open(path, "a")
 
 
+def _basename(location: str) -> str:
+    """The last part of a path or URI (before a URI's query), for a plot's title."""
+    return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def temperature_range(base: float, scale: float) -> tuple[float, float]:
     """The histogram's range: IDTS temperatures lie within base * exp(-+|scale|)."""
     c = max(abs(scale), 0.1)
@@ -54,8 +59,9 @@ class RunLog:
 
     BINS = 60
 
-    def __init__(self, out: Path, rank: int, cfg, total: int, start: int):
+    def __init__(self, out: Path, rank: int, cfg, total: int, start: int, name: str | None = None):
         self.rank, self.cfg, self.out = rank, cfg, out
+        self.name = name or str(out)  # --out as the user gave it (out may be a store's local staging directory)
         self.last: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.temp_range = temperature_range(cfg.loss.temperature, cfg.loss.adakd.temperature_scale)
@@ -108,7 +114,7 @@ class RunLog:
 
             cfg = self.cfg
             T = cfg.loss.temperature
-            title = (f"{self.out.name}: {cfg.loss.loss}" + (" + AdaKD" if cfg.loss.adakd.enabled else "")
+            title = (f"{_basename(self.name)}: {cfg.loss.loss}" + (" + AdaKD" if cfg.loss.adakd.enabled else "")
                      + f", a = {cfg.loss.kd_weight:g}, T = {T:g}, student {Path(cfg.student).name}")
             edges = np.linspace(*self.temp_range, self.BINS + 1)
             plot_training(self.history, self.temp_hist, edges, str(self.out / "train_plot.png"), title, cfg.loss.kd_weight)

@@ -15,15 +15,16 @@ from typing import Any
 import torch
 
 from adakd.common.packing import DEFAULT_ROW_TOKENS
-from adakd.storage import CacheError, CacheReader, Cursor
+from adakd.storage import CacheError, CacheReader, Cursor, redact
 
 from . import distributed as dist
 from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
 from .batches import Batch, batches
-from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_checkpoint
 from .errors import TrainError
 from .head import base_model
 from .kd_loss import LossConfig
+from .outdir import OutDir, redacted_config
 from .runlog import RunLog
 from .step import StudentLoss, forward_backward
 from .student import (StudentError, cache_tokenizer, check_context, check_vocabulary, load_student, packed_rows,
@@ -103,18 +104,28 @@ NOT_ENOUGH_DATA = "{cache}: not enough data for one optimizer step on each of {w
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; --out is a local directory or a store URI (trainer/outdir.py stages and uploads it)."""
     rank, world, local = dist.init()
+    outdir = OutDir(cfg.out, rank)  # refuses an --out another live run holds; stages a store's last checkpoint
+    try:
+        return _train(cfg, outdir, rank, world, local)
+    finally:
+        outdir.close()
+
+
+def _train(cfg: TrainConfig, outdir: OutDir, rank: int, world: int, local: int) -> dict[str, Any]:
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    out = Path(cfg.out)
+    out = outdir.local
+    cache_name = redact(cfg.cache)
     try:
         reader = CacheReader(cfg.cache)
     except CacheError as e:
         raise TrainError(str(e)) from e
     if not reader.manifest.complete and not cfg.allow_incomplete_cache:
         done = sum(w.complete for w in reader.manifest.workers.values())
-        raise TrainError(f"{cfg.cache}: the cache is incomplete ({done}/{reader.info.num_workers} workers done); "
+        raise TrainError(f"{cache_name}: the cache is incomplete ({done}/{reader.info.num_workers} workers done); "
                          "finish cache-teacher, or pass --allow-incomplete-cache to train on what is there")
     try:
         model = load_student(cfg.student, cfg.trust_remote_code, seed=cfg.seed)
@@ -158,7 +169,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         per_epoch = dist.all_min(_count_batches(reader, rank, world, cfg, vocab, row_tokens), world, device) // cfg.grad_accum
         if per_epoch == 0:
-            raise TrainError(NOT_ENOUGH_DATA.format(cache=cfg.cache, world=world))
+            raise TrainError(NOT_ENOUGH_DATA.format(cache=cache_name, world=world))
         total = per_epoch * cfg.epochs
     latf = LATFState()
     step, epoch, cursor = 0, 0, None
@@ -170,10 +181,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise TrainError(f"{ckpt}: saved with {st.get('world')} process(es), resumed with {world}; use the same world size")
         step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
         cursor = Cursor.from_json(st["cursors"][rank]) if st["cursors"][rank] else None
-    log = RunLog(out, rank, cfg, total, step)
+    log = RunLog(out, rank, cfg, total, step, name=outdir.name())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     t_last, tokens_since, computed_since = time.perf_counter(), 0, 0
     stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
+    finished = False
     try:
         while step < stop_at:
             seed = cfg.seed + epoch
@@ -195,7 +207,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 for b in micro:
-                    check_ids(b, outputs, cfg.cache)
+                    check_ids(b, outputs, cache_name)
                 res = forward_backward(net, micro, cfg.loss, latf.ratio, world, device, autocast, step, live)
                 kd, ce = res.kd, res.ce
                 tokens_since += res.tokens
@@ -226,22 +238,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 t_last, tokens_since, computed_since = now, 0, 0
                 log.step(record, t)
                 if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
-                    _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
+                    _save(outdir, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
             if step < stop_at:  # this epoch's data ran out
                 if epoch_steps == 0 and resume_at is None:
-                    raise TrainError(NOT_ENOUGH_DATA.format(cache=cfg.cache, world=world))
+                    raise TrainError(NOT_ENOUGH_DATA.format(cache=cache_name, world=world))
                 epoch += 1
                 cursor = None
-        model_state = _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
+        model_state = _save(outdir, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device)
         if rank == 0 and step >= total:
             from .student import save_student
 
             save_student(model, tok, str(out / "final"), model_state)
+            outdir.publish_final()
+        finished = True
     finally:
         log.close()
+    if rank == 0 and finished:
+        outdir.publish_logs()  # the log, --plot's files, TensorBoard's (a store's copy; local ones are in place)
     done = step >= total
-    return {"steps": step, "total": total, "final": str(out / "final") if done else None,
-            "log": str(out / "train_log.jsonl"), "last": log.last}
+    return {"steps": step, "total": total, "final": outdir.uri("final") if done else None,
+            "log": outdir.uri("train_log.jsonl"), "last": log.last}
 
 
 def _full_states(model, opt, sharded: bool):
@@ -285,16 +301,16 @@ def _load_states(model, opt, model_sd, opt_sd, sharded: bool, where: Path) -> No
     set_optimizer_state_dict(model, opt, opt_sd, options=opts)
 
 
-def _save(out, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device):
+def _save(outdir: OutDir, step, epoch, model, tok, opt, latf, cursor, cfg, rank, world, device):
     cursors = dist.gather_cursors(cursor, world, device)
     model_state, opt_state = _full_states(model, opt, cfg.fsdp and world > 1)
     if rank == 0:
-        state = {"epoch": epoch, "latf": latf.to_json(), "world": world, "config": cfg.to_json()}
+        state = {"epoch": epoch, "latf": latf.to_json(), "world": world, "config": redacted_config(cfg.to_json())}
         try:
-            save_checkpoint(out, step, model, tok, opt_state, state, cursors, model_state)
+            ckpt = save_checkpoint(outdir.local, step, model, tok, opt_state, state, cursors, model_state)
+            outdir.publish_checkpoint(ckpt, cfg.keep_last)  # a store: upload, then mark complete; prune
         except CheckpointError as e:
             raise TrainError(str(e)) from e
-        prune_checkpoints(out, cfg.keep_last)
     dist.barrier(world)
     return model_state
 
