@@ -86,7 +86,7 @@ Guide: docs/cache-teacher.md""")
 def cache_teacher_cmd(**o) -> None:
     """Stage one: run the teacher over a dataset and write (or resume) a cache."""
     from adakd.pipeline.capture import CaptureConfig, DataError, EngineError, cache_teacher
-    from adakd.pipeline.data import DataSpec
+    from adakd.common.data import DataSpec
 
     spec = DataSpec(
         source=o["data"], split=o["split"], config=o["data_config"], shape=o["shape"], prompt_field=o["prompt_field"],
@@ -115,6 +115,71 @@ def cache_teacher_cmd(**o) -> None:
                    "command to resume", err=True)
         _finish(INTERRUPTED)
     click.echo(storage.redact(summary.format()))
+    _finish(0)
+
+
+@main.command("generate", cls=_Command, context_settings=CONTEXT, short_help="The student answers prompts (on-policy records).", epilog="""\b
+Example (two samples per prompt, then the teacher scores the student's own answers):
+  adakd generate --model runs/student/final --data prompts.jsonl --out runs/gen.jsonl --samples 2
+  cache-teacher --teacher TEACHER --data runs/gen.jsonl --out runs/gen-cache
+Two workers write runs/gen.worker-0000i-of-00002.jsonl; --merge joins them into runs/gen.jsonl.
+Guide: docs/on-policy.md""")
+@click.option("--model", default=None, help="Student: a local Hugging Face directory (with its tokenizer) or a hub name available offline.")
+@click.option("--data", "data", required=True, help="Prompts: instruction rows (prompt, or instruction + input; a response column is ignored) or chat rows (messages; answered at the last user turn). Files, directory, glob or a hub name, as cache-teacher.")
+@click.option("--out", required=True, help="Output .jsonl (local); with --num-workers W > 1 each worker writes OUT's stem + .worker-<i>-of-<W>.jsonl.")
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="auto: vLLM when installed, else transformers.")
+@click.option("--samples", type=int, default=1, show_default=True, help="Responses per prompt.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Tokens generated per response at most.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample j of row r is drawn with a generator seeded from (seed, r, j).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--split", default="train", show_default=True, help="Split, for hub datasets.")
+@click.option("--data-config", default=None, help="Configuration name, for hub datasets.")
+@click.option("--shape", type=click.Choice(["auto", "instruction", "chat"]), default="auto", show_default=True, help="Record shape.")
+@click.option("--prompt-field", default=None, help="Column with a pre-rendered prompt [default: prompt, if present].")
+@click.option("--instruction-field", default=None, help="Instruction column [default: instruction/question].")
+@click.option("--input-field", default=None, help="Optional context column [default: input/context].")
+@click.option("--messages-field", default=None, help="Chat messages column [default: messages/conversations].")
+@click.option("--prompt-template", default=None, help="Template with {instruction} and {input} [default: MiniLLM's, as cache-teacher].")
+@click.option("--limit", type=int, default=None, help="Use only the first N rows.")
+@click.option("--num-workers", type=int, default=1, show_default=True, envvar="ADAKD_NUM_WORKERS", help="Processes sharing the prompts (worker i takes rows i, i+W, ...).")
+@click.option("--worker-index", type=int, default=0, show_default=True, envvar="ADAKD_WORKER_INDEX", help="This process's index in 0..num-workers-1.")
+@click.option("--merge", is_flag=True, help="Generate nothing: join the --num-workers worker files of OUT into OUT, ordered by row and sample (what one worker writes).")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM GPU memory share.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model/tokenizer code from the model directory (off by default).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
+def generate_cmd(**o) -> None:
+    """The student answers each prompt (--samples times); every line is a record cache-teacher reads as is, its
+    trained positions exactly the generated tokens. Resumes where a previous run stopped."""
+    from adakd.common.data import DataError, DataSpec
+    from adakd.pipeline.engine import EngineError
+    from adakd.pipeline.generate import GenerateConfig, generate, merge_workers
+
+    try:
+        if o["merge"]:
+            n = merge_workers(o["out"], o["num_workers"])
+            click.echo(f"{o['out']}: {n:,} lines from {o['num_workers']} worker files")
+            return
+        if not o["model"]:
+            raise click.ClickException("--model is required (the student that generates)")
+        spec = DataSpec(source=o["data"], split=o["split"], config=o["data_config"], shape=o["shape"],
+                        prompt_field=o["prompt_field"], instruction_field=o["instruction_field"],
+                        input_field=o["input_field"], messages_field=o["messages_field"],
+                        prompt_template=o["prompt_template"], limit=o["limit"])
+        cfg = GenerateConfig(model=o["model"], data=spec, out=o["out"], engine=o["engine"], samples=o["samples"],
+                             temperature=o["temperature"], top_p=o["top_p"], max_new_tokens=o["max_new_tokens"],
+                             seed=o["seed"], num_workers=o["num_workers"], worker_index=o["worker_index"],
+                             dtype=o["dtype"], trust_remote_code=o["trust_remote_code"],
+                             gpu_memory_utilization=o["gpu_memory_utilization"], show_progress=not o["no_progress"])
+        summary = generate(cfg)
+    except (DataError, EngineError) as e:
+        click.echo(f"Error: {e}", err=True)
+        _finish(1)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: every whole line in {o['out']} stays; re-run the same command to resume", err=True)
+        _finish(INTERRUPTED)
+    click.echo(summary.format())
     _finish(0)
 
 
@@ -175,10 +240,13 @@ def _finish(code: int) -> None:
 @main.command("train-student", cls=_Command, context_settings=CONTEXT, short_help="Stage two: train a student from a cache (AdaKD).", epilog="""\b
 Example (a 2-layer student of the teacher's shape, random init, AdaKD over reverse KL):
   train-student --cache runs/stories-train --student runs/student.json --out runs/student --max-steps 300
+On-policy rounds: the ground-truth cache and round 1's, half each, from round 1's student:
+  train-student --cache runs/off --cache runs/round1 --cache-weights 0.5,0.5 --student runs/r1/final --out runs/r2
 Under torchrun: torchrun --nproc_per_node 8 -m adakd.cli train-student --config run.yaml
 Guide: docs/train-student.md""")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options (names as below, dashes or underscores); command-line options override it.")
-@click.option("--cache", help="Cache written by cache-teacher.")
+@click.option("--cache", multiple=True, help="Cache written by cache-teacher; repeat it to mix several (on-policy rounds), sequence by sequence, in the shares of --cache-weights.")
+@click.option("--cache-weights", default=None, help="Several --cache: each one's share of the sequences, comma-separated in --cache order (e.g. 0.5,0.25,0.25; normalized) [default: equal].")
 @click.option("--student", help="Student: a Hugging Face model directory (pretrained) or a config.json (random init).")
 @click.option("--out", help="Output directory: checkpoints/, final/, train_log.jsonl; a local path or a store URI such as s3://bucket/student (docs/object-stores.md).")
 @click.option("--loss", type=click.Choice(LOSSES), default="rkl", show_default=True, help="Base divergence (forward/reverse KL, Jensen-Shannon, skew forward/reverse KL, total variation, adaptive KL, alpha-beta divergence).")
@@ -230,6 +298,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
     from adakd.trainer.checkpoint import CheckpointError
     from adakd.trainer.outdir import check_out
     from adakd.trainer.kd_loss import LossConfig
+    from adakd.trainer.mix import parse_weights
     from adakd.trainer.train import TrainConfig, TrainError, train
 
     if config_file:
@@ -244,6 +313,10 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
                 raise click.ClickException(f"{config_file}: unknown option {key!r}")
             if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
                 param = next(p for p in ctx.command.params if p.name == name)
+                if name == "cache" and isinstance(value, str):
+                    value = [value]  # `cache: A` or a list `cache: [A, B]`
+                elif name == "cache_weights" and isinstance(value, (list, tuple)):
+                    value = ",".join(str(v) for v in value)  # `cache_weights: [0.5, 0.5]`
                 o[name] = value if value is None else param.type_cast_value(ctx, value)  # YAML values get the option's type
     for req in ("cache", "student", "out"):
         if not o[req]:
@@ -262,7 +335,8 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
                               ratio_step=o["latf_step"], ema_decay=o["latf_decay"], min_ratio=o["latf_floor"]),
         )
         cfg = TrainConfig(
-            cache=o["cache"], student=o["student"], out=o["out"], loss=loss, lr=o["lr"], weight_decay=o["weight_decay"],
+            cache=o["cache"][0] if len(o["cache"]) == 1 else list(o["cache"]), cache_weights=o["cache_weights"],
+            student=o["student"], out=o["out"], loss=loss, lr=o["lr"], weight_decay=o["weight_decay"],
             warmup_fraction=o["warmup_fraction"], max_steps=o["max_steps"], epochs=o["epochs"],
             batch_tokens=o["batch_tokens"], packing=o["packing"], row_tokens=o["row_tokens"],
             gradient_checkpointing=o["gradient_checkpointing"], grad_accum=o["grad_accum"], clip=o["clip"], seed=o["seed"],
@@ -271,6 +345,7 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
             progress=not o["no_progress"], live_teacher=o["live_teacher"], max_length=o["max_length"],
             router_aux_loss=o["router_aux_loss"],
         )
+        parse_weights(cfg.cache_weights, len(cfg.caches))  # before any work
         check_out(cfg.out)  # before any work
         result = train(cfg)
     except (ValueError, TrainError, CheckpointError, storage.CacheError) as e:  # CacheError: damage met mid-run
@@ -291,7 +366,9 @@ def train_student_cmd(ctx: click.Context, config_file: str | None, **o) -> None:
 Examples:
   adakd eval --model runs/student/final --cache runs/stories-test
   adakd eval --model runs/student/final --data ../shared/data/dolly/test.jsonl --limit 50
-  adakd eval --model runs/student/final --teacher ../shared/models/stories260K --data ../shared/data/tinystories/test.jsonl""")
+  adakd eval --model runs/student/final --teacher ../shared/models/stories260K --data ../shared/data/tinystories/test.jsonl
+On-policy (the student samples, the teacher scores every sampled token):
+  adakd eval --model runs/student/final --teacher ../shared/models/stories260K --data prompts.jsonl --generate --samples 4""")
 @click.option("--model", "model_dir", required=True, help="Student (Hugging Face directory, or a store URI such as s3://bucket/student/final, downloaded for the run) to evaluate.")
 @click.option("--teacher", "teacher_dir", default=None, help="Teacher directory, run live: exact full-vocabulary KL(teacher || student) and KL(student || teacher), both models' NLL and top-1 agreement, on the sequences of --cache or of the --data file read as cache-teacher reads it (instead of generation).")
 @click.option("--cache", help="Held-out cache: NLL, KL(teacher || student) on the cached support, top-1 agreement.")
@@ -308,9 +385,12 @@ Examples:
 @click.option("--packing/--no-packing", default=True, show_default=True, help="Cache and --teacher evaluation: packed rows (as train-student), or one padded sequence per row.")
 @click.option("--max-positions", type=click.IntRange(min=1), default=None, help="Cache and --teacher evaluation: at most this many trained positions (exactly, in input order).")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Cache and --teacher evaluation: cut sequences to this many tokens (a model with a shorter context).")
+@click.option("--generate", is_flag=True, help="On-policy (with --teacher and --data PROMPTS): the student samples responses (--samples, --temperature, --top-p, --max-new-tokens, --seed) and the live teacher scores every sampled token: exact KL(student || teacher), both models' NLL of the samples; teacher-forced numbers beside them on the rows' `output`s and on --cache. --out-file: the samples (none by default).")
+@click.option("--samples", type=int, default=1, show_default=True, help="--generate: responses sampled per prompt.")
 def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: str | None, out_file: str | None,
              max_new_tokens: int, batch_size: int, do_sample: bool, temperature: float, top_p: float, seed: int,
-             limit: int | None, batch_tokens: int, packing: bool, max_positions: int | None, max_length: int | None) -> None:
+             limit: int | None, batch_tokens: int, packing: bool, max_positions: int | None, max_length: int | None,
+             generate: bool = False, samples: int = 1) -> None:
     """Evaluate a student: on a held-out teacher cache (--cache), against the live teacher (--teacher with --cache or
     --data), and/or by generation (--data)."""
     import json
@@ -321,6 +401,24 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
     model_uri = model_dir
     model_dir = _local_copy(model_dir, "--model")
 
+    if generate:
+        from adakd.trainer.onpolicy_eval import OnPolicyError, format_report, report
+
+        if not teacher_dir or not data:
+            raise click.ClickException("--generate needs --teacher TEACHER_DIR (it scores the samples) and --data "
+                                       "PROMPTS (a jsonl of prompt, instruction or chat messages lines)")
+        local_out = _local_output(out_file) if out_file else None
+        try:
+            r = report(model_dir, _local_copy(teacher_dir, "--teacher"), data, cache=cache, samples=samples,
+                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, limit=limit,
+                       batch_size=batch_size, batch_tokens=batch_tokens, packing=packing, out_file=local_out)
+        except (OnPolicyError, StudentError, EvalDataError, storage.CacheError) as e:
+            raise click.ClickException(str(e)) from e
+        if out_file:
+            _publish_output(local_out, out_file, "--out-file")
+        click.echo(format_report(r))
+        click.echo(json.dumps(r))
+        return
     if teacher_dir:
         from adakd.trainer.teacher_eval import evaluate_teacher, format_line
 
@@ -360,6 +458,33 @@ def eval_cmd(model_dir: str, teacher_dir: str | None, cache: str | None, data: s
     click.echo(json.dumps(result))
 
 
+@main.command("distill", cls=_Command, context_settings=CONTEXT, short_help="On-policy rounds: generate, cache, train.", epilog="""\b
+Example (two rounds from a warm-up on the off-policy cache; docs/on-policy.md shows the config):
+  adakd distill --config rounds.yaml
+  adakd distill --config rounds.yaml --print      (each stage's command, for a cluster's job scripts)""")
+@click.option("--config", "config_file", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML file of the rounds: teacher, student, prompts, out, rounds, off_policy, on_policy_weight, warmup, generate, cache, train, seed, devices (docs/on-policy.md).")
+@click.option("--print", "print_only", is_flag=True, help="Print every stage's command, one per line, and run nothing.")
+def distill(config_file: str, print_only: bool) -> None:
+    """On-policy distillation in rounds: per round the student generates (adakd generate), the teacher scores its
+    text offline (cache-teacher), the student trains on the off-policy cache mixed with the new one
+    (train-student); each stage its own process. Re-run after a kill: finished stages are skipped, the
+    interrupted one resumes."""
+    import shlex
+
+    from adakd import rounds
+
+    try:
+        cfg = rounds.RoundsConfig.load(config_file)
+        if print_only:
+            for stage in rounds.plan(cfg):
+                click.echo(f"# {stage.name}\nadakd {shlex.join(stage.argv)}")
+            return
+        ran = rounds.run(cfg, echo=lambda m: click.echo(m, err=True))
+    except rounds.RoundsError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{len(ran)} stage(s) run; the last round's student: {rounds.final_student(cfg)}")
+
+
 @main.command(short_help="The whole pipeline offline on a built-in task.", epilog="""\b
 Example:
   adakd demo --out runs/demo""")
@@ -383,7 +508,7 @@ def demo(out: str, fast: bool, engine: str, seeds: int) -> None:
     demo_mod.demo(cfg)
 
 
-@main.command(short_help="Check every shard of a cache; exit 1 on a problem or a missing worker.", epilog="""\b
+@main.command(short_help="Check a cache; exit 1 on damage or a missing worker.", epilog="""\b
 Examples:
   adakd verify runs/stories-train
   adakd verify s3://bucket/cache --allow-incomplete    (while workers are still running)""")

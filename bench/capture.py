@@ -61,8 +61,8 @@ def dolly(out: Path, n: int) -> Path:
 def tokenized(teacher: Path, data: Path, max_length: int):
     from transformers import AutoTokenizer
 
-    from adakd.pipeline.data import DataSpec, iter_records, load_dataset
-    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.common.data import DataSpec, iter_records, load_dataset
+    from adakd.common.tokens import RecordTokenizer, Tokenized
 
     spec = DataSpec(source=str(data))
     tok = RecordTokenizer(AutoTokenizer.from_pretrained(teacher), max_length)
@@ -110,7 +110,7 @@ def reference_vllm(engine, seqs) -> float:
 
 def end_to_end(engine, teacher: Path, data: Path, max_length: int) -> tuple[float, int]:
     from adakd.pipeline.capture import CaptureConfig, cache_teacher
-    from adakd.pipeline.data import DataSpec
+    from adakd.common.data import DataSpec
 
     out = Path(tempfile.mkdtemp(prefix="adakd-bench-"))
     try:
@@ -227,7 +227,7 @@ KINDS = {"topk": dict(k=K), "sampled": dict(k=0, targets="sampled", samples=64),
 def sampling_cost(name: str, teacher: Path, data: Path, max_length: int, repeats: int) -> dict:
     """tokens/s of cache-teacher per target kind with one engine per kind kept loaded, and ratios to top-k."""
     from adakd.pipeline.capture import CaptureConfig, _sampler, cache_teacher, vllm_batch_tokens
-    from adakd.pipeline.data import DataSpec
+    from adakd.common.data import DataSpec
 
     cfgs = {kind: CaptureConfig(teacher=str(teacher), data=DataSpec(source=str(data)), out="", engine=name,
                                 max_length=max_length, show_progress=False, **o) for kind, o in KINDS.items()}

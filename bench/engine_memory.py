@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def staggered() -> list:
-    from adakd.pipeline.tokens import Tokenized
+    from adakd.common.tokens import Tokenized
 
     rng = np.random.default_rng(0)
     out = []

@@ -176,7 +176,7 @@ def checkpointing(spec, device, clock: Clock) -> dict:
 def capture(m, ls, spec, device, clock: Clock) -> dict:
     from adakd.common.packing import grouped, planner
     from adakd.pipeline.engine_hf import HFEngine
-    from adakd.pipeline.tokens import Tokenized
+    from adakd.common.tokens import Tokenized
 
     rng = np.random.default_rng(1)
     items = []

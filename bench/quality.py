@@ -131,8 +131,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def tokenized(path: Path, tok, max_length: int):
     """The records as cache-teacher tokenizes them (same prompt handling, masks, truncation)."""
-    from adakd.pipeline.data import DataSpec, iter_records, load_dataset
-    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.common.data import DataSpec, iter_records, load_dataset
+    from adakd.common.tokens import RecordTokenizer, Tokenized
 
     spec = DataSpec(source=str(path))
     rt = RecordTokenizer(tok, max_length)

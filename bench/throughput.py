@@ -311,7 +311,7 @@ def checkpointing(args, device) -> dict:
 def capture(args, device) -> dict:
     """The hf engine (the body model as teacher, top-64) over the dolly slice: real tokens/s padded vs packed."""
     from adakd.pipeline.engine_hf import HFEngine
-    from adakd.pipeline.tokens import Tokenized
+    from adakd.common.tokens import Tokenized
 
     model, vocab = student("body", args.quick)
     lengths = stream_lengths("dolly", args.tokens * 2)

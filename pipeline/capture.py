@@ -15,15 +15,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from adakd.common.data import DataError, DataSpec, iter_records, load_dataset, resolve_mapping, validate_records
+from adakd.common.data import fingerprint as data_fingerprint
 from adakd.common.packing import DEFAULT_ROW_TOKENS, grouped, planner
+from adakd.common.tokens import RecordTokenizer, Skipped, Tokenized
 from adakd.storage import CacheError, CacheInfo, CacheWriter, Encoding, SequenceTargets
 
-from .data import DataError, DataSpec, iter_records, load_dataset, resolve_mapping, validate_records
-from .data import fingerprint as data_fingerprint
 from .engine import EngineError, Scored, TeacherEngine, check_vocab, vllm_available
 from .identity import package_version, teacher_fingerprint, tokenizer_fingerprint
 from .sampling import Sampler
-from .tokens import RecordTokenizer, Skipped, Tokenized
 
 ENGINES = ("auto", "hf", "vllm")
 TARGETS = ("topk", "sampled", "hybrid")

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from adakd.common.tokens import Tokenized
 
 from .sampling import Draws
-from .tokens import Tokenized
 
 
 class EngineError(Exception):

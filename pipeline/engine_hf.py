@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from adakd.common.packing import DEFAULT_ROW_TOKENS, forward_options, layout_of, packing_error, rows_for
+from adakd.common.tokens import Tokenized
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
 from .sampling import Draws, Sampler, draw
-from .tokens import Tokenized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -16,10 +16,10 @@ import sys
 import tempfile
 
 import numpy as np
+from adakd.common.tokens import Tokenized
 
 from .engine import EngineError, Scored, check_vocab, trained_rows
 from .sampling import Sampler, draw
-from .tokens import Tokenized
 
 MAX_PADDING = 1024  # padded ids we accept: each costs one more prompt log-probability per position
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.quality import BEGIN, END, length_batches, summarize, write_docs
-from adakd.pipeline.tokens import Tokenized
+from adakd.common.tokens import Tokenized
 
 
 def test_length_batches_cover_every_sequence_once_within_the_budget():

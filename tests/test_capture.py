@@ -71,7 +71,7 @@ def test_hf_cache_holds_the_teachers_numbers(teacher, instr, tmp_path):
 
 
 def _prompt(row: dict) -> str:
-    from adakd.pipeline.data import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_WITH_INPUT
+    from adakd.common.data import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_WITH_INPUT
 
     t = DEFAULT_TEMPLATE_WITH_INPUT if row["input"].strip() else DEFAULT_TEMPLATE
     return t.format(instruction=row["instruction"], input=row["input"])

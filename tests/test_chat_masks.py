@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from tiny import build_teacher, corpus, write_jsonl
 
 from adakd import cli
-from adakd.pipeline.data import DataError, Record
-from adakd.pipeline.tokens import RecordTokenizer
+from adakd.common.data import DataError, Record
+from adakd.common.tokens import RecordTokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from adakd.pipeline.engine import EngineError, trained_rows
-from adakd.pipeline.tokens import Tokenized
+from adakd.common.tokens import Tokenized
 
 V = 300  # vocabulary of the family models
 K = 8

@@ -118,7 +118,7 @@ def test_a_cache_with_no_shard_yet_accepts_other_settings(teacher, data, tmp_pat
     from adakd.storage.manifest import load_manifest
 
     from adakd.pipeline.capture import CaptureConfig, build_info, load_teacher_config, load_tokenizer
-    from adakd.pipeline.data import DataSpec, load_dataset
+    from adakd.common.data import DataSpec, load_dataset
 
     cache = tmp_path / "cache"
     cfg = CaptureConfig(teacher=str(teacher), data=DataSpec(source=str(data)), out=str(cache), k=8, engine="vllm")
@@ -210,7 +210,8 @@ def test_ctrl_c_on_cache_teacher_exits_130_cleanly_and_resumes(teacher, tmp_path
     assert r.returncode == 130, r.stderr[-3000:]
     assert "interrupted: every shard listed in" in r.stderr and "re-run the same command to resume" in r.stderr
     assert "Traceback" not in r.stderr and "terminate called" not in r.stderr and "Aborted" not in r.stderr
-    assert run("verify", cache).exit_code == 0
+    assert run("verify", cache).exit_code == 1  # intact, but not finished: a gate must not pass it
+    assert run("verify", cache, "--allow-incomplete").exit_code == 0  # every byte listed is right
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and run("verify", cache).exit_code == 0
 

@@ -228,7 +228,7 @@ def test_hf_engine_packed_scores_like_padded(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from adakd.pipeline.engine_hf import HFEngine
-    from adakd.pipeline.tokens import Tokenized
+    from adakd.common.tokens import Tokenized
 
     torch.manual_seed(2)
     model = AutoModelForCausalLM.from_config(config(family), dtype=torch.float32)

@@ -15,7 +15,7 @@ from faultkit import ROOT, run_cli, train_final_problems
 from adakd import cli
 from adakd.storage import CacheCorruptError, CacheError, CacheReader, CacheWriter, verify_cache
 
-SOURCES = [p for d in ("storage", "trainer", "pipeline") for p in (ROOT / d).glob("*.py")] + [ROOT / "cli.py", ROOT / "demo.py"]
+SOURCES = [p for d in ("storage", "trainer", "pipeline", "common", "integrations") for p in (ROOT / d).glob("*.py")] + [ROOT / "cli.py", ROOT / "demo.py", ROOT / "rounds.py"]
 UNSAFE = {
     "pickle": r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.[A-Za-z_]",
     "torch.load": r"\btorch\.load\b|\bfrom torch import load\b",

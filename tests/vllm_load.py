@@ -8,8 +8,8 @@ import numpy as np
 
 
 def main() -> None:
+    from adakd.common.tokens import Tokenized
     from adakd.pipeline.engine_vllm import VLLMEngine
-    from adakd.pipeline.tokens import Tokenized
 
     model_dir = sys.argv[1]
     engine = VLLMEngine(model_dir, 4, max_model_len=64)

@@ -15,10 +15,10 @@ def main() -> None:
     teacher, data, k, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     from transformers import AutoTokenizer
 
-    from adakd.pipeline.data import DataSpec, iter_records, load_dataset
+    from adakd.common.data import DataSpec, iter_records, load_dataset
     from adakd.pipeline.engine_hf import HFEngine
     from adakd.pipeline.engine_vllm import VLLMEngine
-    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.common.tokens import RecordTokenizer, Tokenized
 
     spec = DataSpec(source=data)
     tok = RecordTokenizer(AutoTokenizer.from_pretrained(teacher), max_length=255)

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 from adakd.common.packing import DEFAULT_ROW_TOKENS
-from adakd.storage import CacheError, CacheReader, Cursor
+from adakd.storage import CacheError, CacheReader, Cursor, redact
 
 from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
 from .batches import Batch, batches as _batches
 from .errors import TrainError
 from .head import base_model, final_hidden, output_head
 from .kd_loss import LossConfig, kd_loss
+from .mix import MixCursor, check_compatible, open_stream, parse_weights
 from .step import step_counts
 from .student import packed_rows, target_vocab
 from .train import check_ids
@@ -61,22 +62,31 @@ def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     return rank, world
 
 
-def batches(cache: CacheReader, model: torch.nn.Module, *, rank: int | None = None, world: int | None = None,
-            seed: int = 0, batch_tokens: int = 8192, row_tokens: int | None = DEFAULT_ROW_TOKENS,
-            max_length: int | None = None, cursor: Cursor | None = None, quiet: bool = False) -> Iterator[Batch]:
+def batches(cache: CacheReader | Sequence[CacheReader], model: torch.nn.Module, *, rank: int | None = None,
+            world: int | None = None, seed: int = 0, batch_tokens: int = 8192,
+            row_tokens: int | None = DEFAULT_ROW_TOKENS, max_length: int | None = None,
+            cursor: Cursor | MixCursor | None = None, quiet: bool = False,
+            weights: Sequence[float] | str | None = None) -> Iterator[Batch]:
     """This rank's batches of one pass over the cache, in the order `train-student` takes them.
 
     `model`: the student; its output width sets the tail bucket's vocabulary, and its family decides whether
     rows are packed (a family whose forward cannot take packed rows exactly gets padded rows and a one-line
     note, unless `quiet`). `row_tokens=None` keeps padded rows, one sequence each. `seed`: the shuffle (use
     seed + epoch for later epochs, as train-student does). `cursor`: a batch's `.cursor`, to resume right after it.
-    Each `Batch` has `.model_inputs()`, `.to(device)`, `.tokens` (real tokens) and `.computed` (rows x width)."""
+    Each `Batch` has `.model_inputs()`, `.to(device)`, `.tokens` (real tokens) and `.computed` (rows x width).
+
+    Several caches (a list, e.g. off-policy and on-policy rounds): their sequences mixed in the shares of `weights`
+    (default equal; normalized), checked to fit together, as `train-student --cache A --cache B` does
+    (trainer/mix.py); the pass ends when the cache drawn next runs out on this rank."""
     rank, world = _rank_world(rank, world)
+    readers = [cache] if isinstance(cache, CacheReader) else list(cache)
+    mix = parse_weights(weights, len(readers))
+    k = check_compatible(readers, [redact(r.dir.uri) for r in readers])
     outputs = model.get_output_embeddings().weight.shape[0]
-    vocab = target_vocab(cache.info.k, cache.info.vocab_size, outputs)
+    vocab = target_vocab(k, readers[0].info.vocab_size, outputs)
     rows = packed_rows(row_tokens, ("the student", model), quiet=quiet or rank != 0)
-    stream = cache.stream(rank=rank, world=world, seed=seed, cursor=cursor)
-    return _batches(stream, batch_tokens, vocab, max_length, cache.info.encoding.sample_temperature, rows)
+    stream = open_stream(readers, mix, rank=rank, world=world, seed=seed, cursor=cursor)
+    return _batches(stream, batch_tokens, vocab, max_length, readers[0].info.encoding.sample_temperature, rows)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

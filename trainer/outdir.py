@@ -311,4 +311,7 @@ def _step_number(name: str) -> int:
 
 def redacted_config(config: dict[str, Any]) -> dict[str, Any]:
     """A run's configuration as saved in its checkpoints: locations without their credentials."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in config.items()}
+    def clean(v: Any) -> Any:
+        return redact(v) if isinstance(v, str) else [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {k: clean(v) for k, v in config.items()}

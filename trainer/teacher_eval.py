@@ -2,7 +2,7 @@
 
 On held-out sequences, either a cache's (`--cache`: its tokens and trained positions, in cache order) or a
 data file read as `cache-teacher` reads it (`--data`: the same records, prompt template, chat masks, EOS
-and truncation, through `pipeline.data` and `pipeline.tokens.RecordTokenizer` with the teacher's
+and truncation, through `common.data` and `common.tokens.RecordTokenizer` with the teacher's
 tokenizer), both models run on the same token-budget batches and, averaged over the trained positions:
 
 - `kl`: KL(teacher || student), exact over the whole vocabulary;
@@ -96,8 +96,8 @@ def _cache_sequences(reader, max_length: int | None) -> Iterator[tuple[np.ndarra
 def _data_sequences(data: str, tok, max_length: int, limit: int | None,
                     data_options: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """The records as cache-teacher tokenizes them (--length-policy truncate, its default)."""
-    from adakd.pipeline.data import DataError, DataSpec, iter_records, load_dataset, row_name
-    from adakd.pipeline.tokens import RecordTokenizer, Tokenized
+    from adakd.common.data import DataError, DataSpec, iter_records, load_dataset, row_name
+    from adakd.common.tokens import RecordTokenizer, Tokenized
 
     from .evaluate import EvalDataError
 
@@ -203,7 +203,7 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
                      packing: bool = True, row_tokens: int = DEFAULT_ROW_TOKENS) -> dict:
     """The student `model_dir` against the teacher `teacher_dir` run live, on a held-out cache's sequences
     (`cache`) or a data file tokenized as cache-teacher does (`data`, first `limit` records when given; options
-    of `pipeline.data.DataSpec` in `data_options`), at most `max_positions` trained positions in input order
+    of `common.data.DataSpec` in `data_options`), at most `max_positions` trained positions in input order
     (exactly that many when there are more), sequences cut to `max_length` tokens when given. See the module's
     docstring for the metrics and the padded-vocabulary rule."""
     if (cache is None) == (data is None):

@@ -1,7 +1,8 @@
-"""`train-student` as a plain recipe: cache -> packed batches -> student hidden states -> chunked KD loss -> AdamW.
+"""`train-student` as a plain recipe: cache(s) -> packed batches -> student hidden states -> chunked KD loss -> AdamW.
 
 Single process, `torchrun` data parallelism (DDP; NCCL on GPU, gloo on CPU) or FSDP2 (`fully_shard`).
 bfloat16 autocast on GPU, float32 on CPU. Resuming from a checkpoint continues exactly.
+Several caches (on-policy rounds) are read as one stream of sequences mixed by weight (trainer/mix.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from adakd.common.packing import DEFAULT_ROW_TOKENS
-from adakd.storage import CacheError, CacheReader, Cursor, redact
+from adakd.storage import CacheError, CacheReader, redact
 
 from . import distributed as dist
 from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
@@ -24,6 +25,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_training_state,
 from .errors import TrainError
 from .head import base_model
 from .kd_loss import LossConfig
+from .mix import check_compatible, cursor_from_json, describe, open_stream, parse_weights
 from .outdir import OutDir, redacted_config
 from .runlog import RunLog
 from .step import StudentLoss, forward_backward
@@ -33,7 +35,7 @@ from .student import (StudentError, cache_tokenizer, check_context, check_vocabu
 
 @dataclass
 class TrainConfig:
-    cache: str
+    cache: str | list[str]  # one cache, or several mixed sequence by sequence (trainer/mix.py)
     student: str
     out: str
     loss: LossConfig = field(default_factory=LossConfig)
@@ -64,6 +66,11 @@ class TrainConfig:
     live_teacher: str | None = None  # teacher dir: exact full-vocabulary targets computed live (measurement only)
     max_length: int | None = None  # cut longer cache sequences to this many tokens (a student with a shorter context)
     router_aux_loss: bool = True  # an MoE student's router load-balancing loss, as its family's training adds it (trainer.router)
+    cache_weights: list[float] | str | None = None  # several caches: their shares of the sequences (default equal)
+
+    @property
+    def caches(self) -> list[str]:
+        return [self.cache] if isinstance(self.cache, str) else list(self.cache)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,11 +84,35 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _count_batches(reader: CacheReader, rank: int, world: int, cfg: TrainConfig, vocab: int, row_tokens) -> int:
+def _count_batches(readers: list[CacheReader], weights: list[float], rank: int, world: int, cfg: TrainConfig,
+                   vocab: int, row_tokens) -> int:
     """Micro-batches in one epoch of this rank (decodes the rank's whole share: only for --epochs)."""
-    stream = reader.stream(rank=rank, world=world, seed=cfg.seed, prefetch=0)
+    stream = open_stream(readers, weights, rank=rank, world=world, seed=cfg.seed, prefetch=0)
     return sum(1 for _ in batches(stream, cfg.batch_tokens, vocab, cfg.max_length,
-                                  reader.info.encoding.sample_temperature, row_tokens))
+                                  readers[0].info.encoding.sample_temperature, row_tokens))
+
+
+def open_caches(cfg: TrainConfig) -> tuple[list[CacheReader], list[float], int]:
+    """The caches (each complete, unless --allow-incomplete-cache), their normalized weights, and the top-k width
+    of every batch (`mix.check_compatible`: caches that cannot share a batch are refused here, before any work)."""
+    readers = []
+    weights = parse_weights(cfg.cache_weights, len(cfg.caches))
+    twice = sorted({u for u in cfg.caches if cfg.caches.count(u) > 1})
+    if twice:
+        raise TrainError(f"--cache {redact(twice[0])} is given more than once; give each cache once and set its share "
+                         "with --cache-weights")
+    for uri in cfg.caches:
+        try:
+            reader = CacheReader(uri)
+        except CacheError as e:
+            raise TrainError(str(e)) from e
+        if not reader.manifest.complete and not cfg.allow_incomplete_cache:
+            done = sum(w.complete for w in reader.manifest.workers.values())
+            raise TrainError(f"{redact(uri)}: the cache is incomplete ({done}/{reader.info.num_workers} workers done); "
+                             "finish cache-teacher, or pass --allow-incomplete-cache to train on what is there")
+        readers.append(reader)
+    k = check_compatible(readers, [redact(u) for u in cfg.caches])
+    return readers, weights, k
 
 
 def enable_checkpointing(model: torch.nn.Module, spec: str) -> None:
@@ -118,25 +149,20 @@ def _train(cfg: TrainConfig, outdir: OutDir, rank: int, world: int, local: int) 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = outdir.local
-    cache_name = redact(cfg.cache)
-    try:
-        reader = CacheReader(cfg.cache)
-    except CacheError as e:
-        raise TrainError(str(e)) from e
-    if not reader.manifest.complete and not cfg.allow_incomplete_cache:
-        done = sum(w.complete for w in reader.manifest.workers.values())
-        raise TrainError(f"{cache_name}: the cache is incomplete ({done}/{reader.info.num_workers} workers done); "
-                         "finish cache-teacher, or pass --allow-incomplete-cache to train on what is there")
+    readers, weights, k = open_caches(cfg)
+    reader = readers[0]
+    cache_name = describe([redact(u) for u in cfg.caches], weights)
     try:
         model = load_student(cfg.student, cfg.trust_remote_code, seed=cfg.seed)
         teacher_tok = cache_tokenizer(reader)
         tok = student_tokenizer(cfg.student, teacher_tok, cfg.trust_remote_code)
-        check_vocabulary(model, tok, teacher_tok, reader)
-        check_context(model, reader, cfg.max_length)
+        for r in readers:
+            check_vocabulary(model, tok, teacher_tok if r is reader else cache_tokenizer(r), r)
+            check_context(model, r, cfg.max_length)
     except StudentError as e:
         raise TrainError(str(e)) from e
     outputs = model.get_output_embeddings().weight.shape[0]
-    vocab = target_vocab(reader.info.k, reader.info.vocab_size, outputs)
+    vocab = target_vocab(k, reader.info.vocab_size, outputs)
     model.to(device).train()
     live = None
     if cfg.live_teacher:
@@ -167,7 +193,8 @@ def _train(cfg: TrainConfig, outdir: OutDir, rank: int, world: int, local: int) 
     if cfg.max_steps:  # no need to read the cache once just to count
         total = cfg.max_steps
     else:
-        per_epoch = dist.all_min(_count_batches(reader, rank, world, cfg, vocab, row_tokens), world, device) // cfg.grad_accum
+        per_epoch = dist.all_min(_count_batches(readers, weights, rank, world, cfg, vocab, row_tokens), world,
+                                 device) // cfg.grad_accum
         if per_epoch == 0:
             raise TrainError(NOT_ENOUGH_DATA.format(cache=cache_name, world=world))
         total = per_epoch * cfg.epochs
@@ -180,7 +207,7 @@ def _train(cfg: TrainConfig, outdir: OutDir, rank: int, world: int, local: int) 
         if st.get("world") != world:
             raise TrainError(f"{ckpt}: saved with {st.get('world')} process(es), resumed with {world}; use the same world size")
         step, epoch, latf = st["step"], st["epoch"], LATFState.from_json(st["latf"])
-        cursor = Cursor.from_json(st["cursors"][rank]) if st["cursors"][rank] else None
+        cursor = cursor_from_json(st["cursors"][rank])  # a storage.Cursor, or a mix.MixCursor for several caches
     log = RunLog(out, rank, cfg, total, step, name=outdir.name())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     t_last, tokens_since, computed_since = time.perf_counter(), 0, 0
@@ -190,7 +217,7 @@ def _train(cfg: TrainConfig, outdir: OutDir, rank: int, world: int, local: int) 
         while step < stop_at:
             seed = cfg.seed + epoch
             resume_at = cursor if cursor and cursor.seed == seed else None
-            stream = reader.stream(rank=rank, world=world, seed=seed, cursor=resume_at)
+            stream = open_stream(readers, weights, rank=rank, world=world, seed=seed, cursor=resume_at)
             it = batches(stream, cfg.batch_tokens, vocab, cfg.max_length, reader.info.encoding.sample_temperature,
                          row_tokens)
             epoch_steps = 0

@@ -1,5 +1,7 @@
 """Records -> token ids and loss masks with the teacher's tokenizer.
 
+A record written by `adakd generate` (a `generation` column with token ids that spell its response) keeps those
+ids: the prompt as the student saw it, then exactly the generated tokens, trained (docs/on-policy.md).
 Instruction data: prompt tokens (not trained) + response tokens + EOS (trained). Chat data: the chat
 template's rendering up to the last assistant turn; each assistant turn's content and end-of-turn tokens are
 trained, and no EOS is appended (the template ends turns itself). Plain text: every token after the first,
@@ -47,7 +49,10 @@ class RecordTokenizer:
         self.source = source  # the data's name, for errors that point at a row
 
     def __call__(self, r: Record) -> Tokenized | Skipped:
-        if r.shape == "instruction":
+        generated = self._generated(r) if r.response_ids is not None else None
+        if generated is not None:
+            ids, mask = generated
+        elif r.shape == "instruction":
             prompt = self._encode(r.prompt, special=True)
             response = self._encode(r.response, special=False) + [self.tok.eos_token_id]
             ids = prompt + response
@@ -66,6 +71,29 @@ class RecordTokenizer:
         if not any(mask):
             return Skipped(r.index, "no_trained_token")
         return Tokenized(r.index, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool), truncated)
+
+    def _generated(self, r: Record) -> tuple[list[int], list[bool]] | None:
+        """A record from `adakd generate`: the prompt as the student saw it, then the response's own token ids (no
+        EOS appended; the stop token is there when it stopped), all of them trained and nothing else. None (the
+        record is read as text) when the ids do not spell the response with this tokenizer (another tokenizer,
+        or the text was edited)."""
+        ids = list(r.response_ids or [])
+        content = ids[:-1] if r.stopped else ids
+        text = self.tok.decode(content, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if r.shape == "instruction":
+            if text != r.response:
+                return None
+            prompt = generation_prompt(self.tok, r.prompt)
+        elif r.shape == "chat":
+            msgs = r.messages or []
+            if (len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-1]["content"] != text
+                    or not getattr(self.tok, "chat_template", None)):
+                return None
+            self._render(self._where(r), msgs[:-1], generation=True)  # a template's refusal, as a DataError
+            prompt = generation_prompt(self.tok, messages=msgs[:-1])
+        else:
+            return None
+        return prompt + ids, [False] * len(prompt) + [True] * len(ids)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
@@ -155,13 +183,26 @@ class RecordTokenizer:
 
     def _render(self, where: str, msgs: list[dict], generation: bool = False) -> str:
         """The chat template's text for `msgs`; a template's refusal becomes a DataError naming the row."""
-        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+        from jinja2 import (
+            TemplateError,  # transformers renders chat templates with jinja2
+        )
 
         try:
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
         except (TemplateError, ValueError, TypeError) as e:
             raise DataError(f"{where}: the teacher's chat template rejects this conversation ({e}); "
                             f"{_template_hint(str(e))}") from e
+
+
+def generation_prompt(tok, prompt: str = "", messages: list[dict] | None = None) -> list[int]:
+    """The token ids a model is given to answer a prompt: an instruction prompt tokenized as `RecordTokenizer`
+    tokenizes it (special tokens added), or a conversation rendered by the chat template with the generation
+    prompt (tokenized as the template wrote it). `adakd generate` feeds these ids to the student, and
+    `RecordTokenizer` rebuilds them for the records it wrote: one function, so the two cannot differ."""
+    if messages is None:
+        return list(tok(prompt, add_special_tokens=True)["input_ids"])
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 # Stand-ins for message contents while locating turns: private-use characters no template alters.

@@ -88,6 +88,24 @@ class Record:
     response: str = ""  # instruction: trained
     messages: list[dict[str, str]] | None = None  # chat
     text: str = ""  # plain text, all trained
+    # a record written by `adakd generate`: the exact token ids of the response (instruction) or of the last
+    # assistant turn (chat), its stop token included when it stopped (`stopped`)
+    response_ids: list[int] | None = None
+    stopped: bool = True
+
+
+GENERATION_FIELD = "generation"  # the column `adakd generate` adds; its token_ids are the response's tokens
+
+
+def generated_ids(row: dict) -> tuple[list[int], bool] | None:
+    """(token ids, stopped) from a row's `generation` column, or None when it has none usable."""
+    g = row.get(GENERATION_FIELD)
+    if not isinstance(g, dict):
+        return None
+    ids = g.get("token_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        return None
+    return list(ids), g.get("finish") == "stop"
 
 
 def local_files(source: str) -> list[str]:
@@ -181,8 +199,11 @@ class Mapping:
     text: str | None = None
 
 
-def resolve_mapping(spec: DataSpec, columns: list[str], where: str) -> Mapping:
-    """Which columns play which role; explicit options win over the usual names."""
+def resolve_mapping(spec: DataSpec, columns: list[str], where: str, prompts: bool = False) -> Mapping:
+    """Which columns play which role; explicit options win over the usual names.
+
+    `prompts`: the rows are prompts for `adakd generate`: instruction rows need no response column (one that is
+    there is ignored), and plain text has no prompt to answer."""
     for opt in ("prompt_field", "instruction_field", "input_field", "response_field", "messages_field", "text_field"):
         name = getattr(spec, opt)
         if name and name not in columns:
@@ -193,11 +214,20 @@ def resolve_mapping(spec: DataSpec, columns: list[str], where: str) -> Mapping:
     instruction = _pick(columns, spec.instruction_field, ("instruction", "question"))
     text = _pick(columns, spec.text_field, ("text", "content"))
     shape = spec.shape
+    if prompts and shape == "text":
+        raise DataError(f"{where}: --shape text has no prompt to answer; generation needs instruction rows "
+                        "(prompt, or instruction and input) or chat rows (messages)")
     if shape == "auto":
         if messages:
             shape = "chat"
-        elif response and (prompt or instruction):
+        elif (response or prompts) and (prompt or instruction):
             shape = "instruction"
+        elif prompts:
+            raise DataError(
+                f"{where}: no prompts in columns {columns}: generation needs a prompt or instruction column "
+                "(instruction rows) or a messages column (chat rows); name them with --prompt-field/"
+                "--instruction-field/--messages-field and/or --shape"
+            )
         elif text:
             shape = "text"
         else:
@@ -207,7 +237,7 @@ def resolve_mapping(spec: DataSpec, columns: list[str], where: str) -> Mapping:
                 "text a text column. Name them with --response-field/--instruction-field/--messages-field/--text-field "
                 "and/or --shape."
             )
-    need = {"instruction": [("response", response), ("prompt or instruction", prompt or instruction)],
+    need = {"instruction": [("response", response or prompts), ("prompt or instruction", prompt or instruction)],
             "chat": [("messages", messages)], "text": [("text", text)]}[shape]
     for role, col in need:
         if not col:
@@ -227,8 +257,16 @@ def _text(row: dict, col: str, where: str, allow_empty: bool = False) -> str:
     return value
 
 
-def to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str) -> Record:
-    """Map one row; errors name the row and column."""
+def to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str, prompts: bool = False) -> Record:
+    """Map one row; errors name the row and column. `prompts`: a prompt for `adakd generate` (no response
+    needed: instruction rows keep an empty one, chat rows need no assistant turn)."""
+    rec = _to_record(row, index, m, spec, where, prompts)
+    if not prompts and rec.shape != "text" and (gen := generated_ids(row)) is not None:
+        rec.response_ids, rec.stopped = gen
+    return rec
+
+
+def _to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str, prompts: bool) -> Record:
     if m.shape == "text":
         return Record(index, "text", text=_text(row, m.text, where))
     if m.shape == "chat":
@@ -240,10 +278,10 @@ def to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str) -> 
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
                 raise DataError(f"{where}, column {m.messages!r}, message {j}: expected {{'role': str, 'content': str}}")
             out.append({"role": msg["role"], "content": msg["content"]})
-        if not any(x["role"] == "assistant" for x in out):
+        if not prompts and not any(x["role"] == "assistant" for x in out):
             raise DataError(f"{where}, column {m.messages!r}: no assistant message to train on")
         return Record(index, "chat", messages=out)
-    response = _text(row, m.response, where)
+    response = "" if prompts else _text(row, m.response, where)
     if m.prompt:
         prompt = _text(row, m.prompt, where)
     else:
@@ -254,10 +292,12 @@ def to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str) -> 
     return Record(index, "instruction", prompt=prompt, response=response)
 
 
-def iter_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1, start: int = 0) -> Iterator[Record]:
-    """This worker's records (index % num_workers == worker_index) from dataset index `start` on."""
+def iter_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1, start: int = 0,
+                 prompts: bool = False) -> Iterator[Record]:
+    """This worker's records (index % num_workers == worker_index) from dataset index `start` on
+    (`prompts`: as prompts for `adakd generate`, see `to_record`)."""
     where0 = f"{spec.source}"
-    m = resolve_mapping(spec, list(ds.column_names), where0)
+    m = resolve_mapping(spec, list(ds.column_names), where0, prompts)
     first = start + ((worker_index - start) % num_workers)
     indices = range(first, len(ds), num_workers)
     chunk = 512
@@ -266,7 +306,7 @@ def iter_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1
         rows = ds[idx.start:idx.stop:idx.step] if len(idx) else {}
         cols = list(rows)
         for j, i in enumerate(idx):
-            yield to_record({col: rows[col][j] for col in cols}, i, m, spec, f"{where0}, {row_name(i)}")
+            yield to_record({col: rows[col][j] for col in cols}, i, m, spec, f"{where0}, {row_name(i)}", prompts)
 
 
 def validate_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1, start: int = 0) -> int:
