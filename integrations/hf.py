@@ -42,7 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from adakd.common.packing import DEFAULT_ROW_TOKENS
 from adakd.storage import CacheReader
 from adakd.trainer.api import Batch, Distiller, batches
-from adakd.trainer.distributed import all_have
+from adakd.trainer.distributed import all_have, all_sum, collective_device
 
 STATE_FILE = "adakd_state.json"
 BATCH_KEY = "adakd_batch"
@@ -69,8 +69,7 @@ class CacheDataset(IterableDataset):
         whose share runs out first ends the epoch for all, as in train-student), so their steps stay paired."""
         ready = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if ready else 1
-        device = torch.device("cuda", torch.cuda.current_device()) if ready and \
-            torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        device = collective_device(world)
         it = iter(batches(self.cache, self.model, seed=self.seed + self.epoch, batch_tokens=self.batch_tokens,
                           row_tokens=self.row_tokens, max_length=self.max_length, quiet=self.epoch > 0))
         while True:
@@ -151,11 +150,10 @@ class DistillationTrainer(Trainer):
 
     def _end_step(self, total_steps: int) -> None:
         """The step's KD and CE means (all ranks), then LATF's update, as train-student after its optimizer step."""
-        sums = torch.tensor(self._sums, dtype=torch.float64, device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(sums)
+        world = self.accelerator.num_processes
+        kd_sum, ce_sum = all_sum(self._sums, world, collective_device(world))
         trained, distilled = self._denominators or (1.0, 1.0)
-        kd, ce = float(sums[0]) / distilled, float(sums[1]) / trained
+        kd, ce = kd_sum / distilled, ce_sum / trained
         self._last.update(kd=kd, ce=ce, latf_ratio=self.distiller.latf_ratio)
         self.distiller.step(kd, total_steps)
         self._sums = [0.0, 0.0]

@@ -141,13 +141,15 @@ def arm(kind: str, at: int, arg: str = "") -> None:
         raise SystemExit(f"unknown fault {kind!r}")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], arm_one: Callable[[str, int, str], None] | None = None) -> None:
+    """Arm every `--arm KIND:K[:NAME]` (with `arm_one`, default this module's `arm`), then run the command."""
+    arm_one = arm_one or arm
     split = argv.index("--")
     opts, command = argv[:split], argv[split + 1:]
     for i in range(0, len(opts), 2):
         assert opts[i] == "--arm", opts
         kind, at, *rest = opts[i + 1].split(":", 2)
-        arm(kind, int(at), rest[0] if rest else "")
+        arm_one(kind, int(at), rest[0] if rest else "")
     from adakd import cli
 
     cli.main(command, prog_name="adakd")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from fault_child import arm as fault_arm
+from fault_child import main as fault_main
 
 
 def arm(kind: str, at: int, arg: str = "") -> None:
@@ -58,15 +59,7 @@ def arm(kind: str, at: int, arg: str = "") -> None:
 
 
 def main(argv: list[str]) -> None:
-    split = argv.index("--")
-    opts, command = argv[:split], argv[split + 1:]
-    for i in range(0, len(opts), 2):
-        assert opts[i] == "--arm", opts
-        kind, at, *rest = opts[i + 1].split(":", 2)
-        arm(kind, int(at), rest[0] if rest else "")
-    from adakd import cli
-
-    cli.main(command, prog_name="adakd")
+    fault_main(argv, arm)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from adakd.storage import CacheError, CacheReader, Cursor, redact
 
 from .adakd import AdaKDConfig, LATFState, latf_update, past_warmup
 from .batches import Batch, batches as _batches
+from .distributed import all_sum, collective_device
 from .errors import TrainError
 from .head import base_model, final_hidden, output_head
 from .kd_loss import LossConfig, kd_loss
@@ -161,12 +162,7 @@ class Distiller:
         """(trained, distilled) positions of one optimizer step's micro-batches on this rank, summed over ranks
         when `world` > 1 (a collective): pass them to every micro-batch's call so the step's loss is one mean per
         trained token, as train-student's (docs/train-student.md, "Loss normalization")."""
-        counts = [float(c) for c in step_counts(micro_batches, self.config, self.latf.ratio)]
-        if world > 1:
-            t = torch.tensor(counts, dtype=torch.float64,
-                             device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-            torch.distributed.all_reduce(t)
-            counts = t.tolist()
+        counts = all_sum(list(step_counts(micro_batches, self.config, self.latf.ratio)), world, collective_device(world))
         return max(counts[0], 1.0), max(counts[1], 1.0)
 
     def __call__(self, model: torch.nn.Module, batch: Batch,

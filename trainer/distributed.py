@@ -22,6 +22,14 @@ def init() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def collective_device(world: int) -> torch.device:
+    """Where a collective's tensor lives when the caller has no device at hand (the Python API, the HF
+    integration): the current GPU under NCCL, else the CPU (gloo, or no group at all)."""
+    if world > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_sum(values: list[float], world: int, device) -> list[float]:
     """Element-wise sums over ranks, in float64 (token counts and loss sums: exact for counts below 2^53)."""
     if world == 1:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,9 +47,9 @@ from adakd.common.packing import DEFAULT_ROW_TOKENS
 
 from .evaluate import EvalDataError, _chat_prompt, _chat_row
 from .head import output_head
-from .student import StudentError, context_size, dir_tokenizer, has_weights, load_student, packed_rows, same_token_ids
-from .teacher_eval import (_LOAD_LOCK, DEFAULT_CHUNK_ELEMENTS, _batches, _covers, _evaluate, devices,
-                           evaluate_teacher, format_line)
+from .student import StudentError, context_size, dir_tokenizer, load_student, packed_rows, same_token_ids
+from .teacher_eval import (_LOAD_LOCK, DEFAULT_CHUNK_ELEMENTS, _batches, _covers, _evaluate, check_teacher_dir,
+                           devices, evaluate_teacher, format_line)
 
 SAME_IDS = "the teacher scores the student's sampled token ids, so both need one vocabulary"
 
@@ -265,12 +264,7 @@ def evaluate_onpolicy(model_dir: str, teacher_dir: str, data: str, samples: int 
     `out_file`: a jsonl of the samples (prompt index, sample index, text, token count, whether it stopped)."""
     _check_options(samples, temperature, top_p, max_new_tokens)
     rows = read_prompts(data, limit)
-    teacher_path = Path(teacher_dir)
-    if not teacher_path.is_dir():
-        raise StudentError(f"--teacher {teacher_dir}: no such model directory")
-    if not has_weights(teacher_path):
-        raise StudentError(f"--teacher {teacher_dir}: no weights in this directory (the teacher must be a trained "
-                           "model: config.json + safetensors)")
+    check_teacher_dir(teacher_dir)
     teacher_tok = dir_tokenizer(teacher_dir, "--teacher", trust_remote_code)
     if teacher_tok is None:
         raise StudentError(f"--teacher {teacher_dir}: no tokenizer in this directory; --generate checks with it that "

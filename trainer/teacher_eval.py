@@ -196,6 +196,16 @@ def _chunk_metrics(zt: torch.Tensor, zs: torch.Tensor, labels: torch.Tensor, rea
 
 
 @torch.no_grad()
+def check_teacher_dir(teacher_dir: str) -> None:
+    """A live teacher must be a trained model directory: refused by name before anything loads."""
+    teacher_path = Path(teacher_dir)
+    if not teacher_path.is_dir():
+        raise StudentError(f"--teacher {teacher_dir}: no such model directory")
+    if not has_weights(teacher_path):
+        raise StudentError(f"--teacher {teacher_dir}: no weights in this directory (the teacher must be a trained "
+                           "model: config.json + safetensors)")
+
+
 def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None, data: str | None = None,
                      batch_tokens: int = 8192, chunk: int = 1024, max_positions: int | None = None,
                      max_length: int | None = None, limit: int | None = None, data_options: dict | None = None,
@@ -208,12 +218,7 @@ def evaluate_teacher(model_dir: str, teacher_dir: str, cache: str | None = None,
     docstring for the metrics and the padded-vocabulary rule."""
     if (cache is None) == (data is None):
         raise ValueError("give exactly one held-out input: a cache or a data file")
-    teacher_path = Path(teacher_dir)
-    if not teacher_path.is_dir():
-        raise StudentError(f"--teacher {teacher_dir}: no such model directory")
-    if not has_weights(teacher_path):
-        raise StudentError(f"--teacher {teacher_dir}: no weights in this directory (the teacher must be a trained "
-                           "model: config.json + safetensors)")
+    check_teacher_dir(teacher_dir)
     s_dev, t_dev = devices()
     with _LOAD_LOCK:
         student = load_student(model_dir, trust_remote_code, option="--model")
