@@ -49,7 +49,7 @@ Unbiased sampled targets (64 draws per position), or a top-8 head plus 32 draws 
   cache-teacher ... --targets hybrid --top-k 8 --samples 32
 Guide: docs/cache-teacher.md""")
 @click.option("--teacher", required=True, help="Teacher model: a local Hugging Face directory or a hub name available offline.")
-@click.option("--data", "data", required=True, help="Dataset: local .jsonl/.json/.parquet/.csv/.txt file(s), directory or glob, or a datasets hub name.")
+@click.option("--data", "data", required=True, help="Dataset: local .jsonl/.json/.parquet/.csv/.txt file(s), directory or glob, one such file on a store (s3://bucket/gen.jsonl), or a datasets hub name.")
 @click.option("--out", required=True, help="Cache directory (local path or pyarrow URI such as s3://bucket/cache).")
 @click.option("--top-k", "k", type=int, default=None, help="Teacher log-probabilities kept per position: the exact head [default: 64 for topk, 8 for hybrid; sampled has none].")
 @click.option("--targets", type=click.Choice(["topk", "sampled", "hybrid"]), default="topk", show_default=True, help="topk: the k most likely ids + the tail mass; sampled: N draws from the teacher (distinct ids, counts, log-probs), unbiased; hybrid: the top-k head + N draws from the tail.")
@@ -126,7 +126,7 @@ Two workers write runs/gen.worker-0000i-of-00002.jsonl; --merge joins them into 
 Guide: docs/on-policy.md""")
 @click.option("--model", default=None, help="Student: a local Hugging Face directory (with its tokenizer) or a hub name available offline.")
 @click.option("--data", "data", required=True, help="Prompts: instruction rows (prompt, or instruction + input; a response column is ignored) or chat rows (messages; answered at the last user turn). Files, directory, glob or a hub name, as cache-teacher.")
-@click.option("--out", required=True, help="Output .jsonl (local); with --num-workers W > 1 each worker writes OUT's stem + .worker-<i>-of-<W>.jsonl.")
+@click.option("--out", required=True, help="Output .jsonl, a local path or a store URI (s3://bucket/gen.jsonl: uploaded in chunks to OUT.parts/, see docs/object-stores.md); with --num-workers W > 1 each worker writes OUT's stem + .worker-<i>-of-<W>.jsonl (a store: OUT.parts/worker-<i>-of-<W>/).")
 @click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True, help="auto: vLLM when installed, else transformers.")
 @click.option("--samples", type=int, default=1, show_default=True, help="Responses per prompt.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature; 0 is greedy.")
@@ -147,6 +147,8 @@ Guide: docs/on-policy.md""")
 @click.option("--worker-index", type=int, default=0, show_default=True, envvar="ADAKD_WORKER_INDEX", help="This process's index in 0..num-workers-1.")
 @click.option("--merge", is_flag=True, help="Generate nothing: join the --num-workers worker files of OUT into OUT, ordered by row and sample (what one worker writes).")
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM GPU memory share.")
+@click.option("--staging", default=None, help="A store --out: local folder for the worker's staging file [default: the system's temporary folder].")
+@click.option("--chunk-records", type=int, default=64, show_default=True, help="A store --out: records per uploaded chunk at most (a chunk also goes up every 60 s).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model/tokenizer code from the model directory (off by default).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs and CI).")
 def generate_cmd(**o) -> None:
@@ -159,7 +161,7 @@ def generate_cmd(**o) -> None:
     try:
         if o["merge"]:
             n = merge_workers(o["out"], o["num_workers"])
-            click.echo(f"{o['out']}: {n:,} lines from {o['num_workers']} worker files")
+            click.echo(f"{storage.redact(o['out'])}: {n:,} lines from {o['num_workers']} worker files")
             return
         if not o["model"]:
             raise click.ClickException("--model is required (the student that generates)")
@@ -171,13 +173,15 @@ def generate_cmd(**o) -> None:
                              temperature=o["temperature"], top_p=o["top_p"], max_new_tokens=o["max_new_tokens"],
                              seed=o["seed"], num_workers=o["num_workers"], worker_index=o["worker_index"],
                              dtype=o["dtype"], trust_remote_code=o["trust_remote_code"],
-                             gpu_memory_utilization=o["gpu_memory_utilization"], show_progress=not o["no_progress"])
+                             gpu_memory_utilization=o["gpu_memory_utilization"], show_progress=not o["no_progress"],
+                             staging=o["staging"], chunk_records=o["chunk_records"])
         summary = generate(cfg)
     except (DataError, EngineError) as e:
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {storage.redact(str(e))}", err=True)
         _finish(1)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: every whole line in {o['out']} stays; re-run the same command to resume", err=True)
+        click.echo(f"\ninterrupted: every whole line (a store --out: every uploaded chunk) in {storage.redact(o['out'])} "
+                   "stays; re-run the same command to resume", err=True)
         _finish(INTERRUPTED)
     click.echo(summary.format())
     _finish(0)
@@ -494,7 +498,8 @@ Example:
 @click.option("--seeds", type=int, default=2, show_default=True, help="Seeds (transfer sets and data orders) per student method (python -m bench.ablation compares AdaKD's parts over 3, with intervals).")
 def demo(out: str, fast: bool, engine: str, seeds: int) -> None:
     """The whole pipeline offline on a built-in task where the truth is known: a teacher, its caches, students
-    trained by CE, forward/reverse KL and AdaKD over each, scored against the true answer distributions."""
+    trained by CE, forward/reverse KL and AdaKD over each, and by on-policy rounds (the student's own answers,
+    scored by the teacher through a cache), all scored against the true answer distributions."""
     from adakd import demo as demo_mod
 
     if seeds < 1:

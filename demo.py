@@ -15,18 +15,26 @@ truth, and greedy exact match on held-out deterministic items.
    cross-entropy learns from) and some deterministic items; `cache-teacher` stores the teacher's distribution
    on it (what KD learns from): a top-16 cache and a sampled cache (64 draws per position).
 4. `train-student` from that start: CE only; forward KL and reverse KL, each alone, with AdaKD, with LATF only
-   and with IDTS only; IDTS softened (a labelled ablation, not a default); forward KL from the sampled cache;
-   2 at a time.
+   and with IDTS only; IDTS softened (a labelled ablation, not a default); forward KL from the sampled cache.
+   And on-policy distillation through the cache, with the same student steps in total: forward KL for the
+   first half, then rounds of `adakd generate` (the student answers the transfer prompts) -> `cache-teacher`
+   (the teacher scores the student's own answers) -> `train-student` (reverse KL, plain or with AdaKD, on
+   them; forward KL as a control). 2 commands at a time.
 5. The table (mean and spread over seeds), one sentence per row built from what was measured (the paired
    difference from the run it changes one thing of, and AdaKD's diagnostics from its step logs), a plot, and as
    the last line one JSON object with every figure.
 
 Everything lands in one directory (default `runs/demo`). Nothing is downloaded; nothing from ../shared.
+
+The commands are the console scripts a user runs, with the arguments the log prints. They start from a fork
+server that has imported torch, transformers and adakd once (`Launcher`): the demo runs about 50 commands,
+and each would otherwise spend about 4 seconds of its life importing them.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shlex
@@ -112,11 +120,23 @@ class DemoConfig:
     batch_tokens: int = 1024  # train-student's micro-batch
     engine: str = "hf"
     jobs: int = 2
+    rounds: int = 2  # on-policy rows: forward KL for half the student steps, then this many generate/cache/train rounds
+    onpolicy_samples: int = 1  # answers per transfer-set prompt per round (each distributional prompt is there twice)
+    fork_server: bool = True  # start the commands from a pre-imported fork server (False: plain subprocesses)
 
     @classmethod
     def fast(cls, out: str) -> "DemoConfig":
         return cls(out=out, seeds=1, teacher_steps=40, pretrain_steps=10, student_steps=4, transfer_deterministic=20,
                    test_items=12, samples=16)
+
+    @property
+    def warmup_steps(self) -> int:
+        """The on-policy rows' off-policy forward-KL start: the first half of the student steps."""
+        return self.student_steps - self.rounds * self.round_steps
+
+    @property
+    def round_steps(self) -> int:
+        return self.student_steps // 2 // self.rounds
 
 
 def build_tokenizer(path: Path):
@@ -216,9 +236,26 @@ METHODS = {  # name -> (cache, train-student options)
                                                          "--temperature-scale", "-0.5"]),
     "forward KL, sampled cache": ("sampled", ["--loss", "fkl", "--no-adakd"]),
 }
-BASE = {  # each row is compared with the run it changes one thing of (same seeds: paired)
+ROUNDS_CONTROL = "forward KL in rounds, transfer set only"
+ONPOLICY_FKL = "on-policy forward KL, from a forward-KL start"
+ONPOLICY_ROW = "on-policy reverse KL, from a forward-KL start"
+ONPOLICY_ADAKD = "AdaKD over on-policy reverse KL"
+ONPOLICY = {  # name -> (trains on the student's own answers, the rounds' train-student options); every row starts
+    # from one shared forward-KL warm-up. The control trains its rounds on the transfer set's cache instead: the same
+    # schedule (a fresh warm-up and decay per round, as `adakd distill` runs them) without the student's text.
+    ROUNDS_CONTROL: (False, ["--loss", "fkl", "--no-adakd"]),
+    ONPOLICY_FKL: (True, ["--loss", "fkl", "--no-adakd"]),
+    ONPOLICY_ROW: (True, ["--loss", "rkl", "--no-adakd"]),
+    ONPOLICY_ADAKD: (True, ["--loss", "rkl", "--adakd"]),
+}
+BASE = {  # each row is compared with the run(s) it changes one thing of (same seeds: paired)
     "forward KL": "CE only", "reverse KL": "CE only", "forward KL, sampled cache": "forward KL",
     **{n: ("reverse KL" if "reverse" in n else "forward KL") for n in METHODS if "over" in n},
+    # rounds: the control changes only the schedule (rounds) from forward KL; on-policy forward KL only the text of
+    # the rounds (the student's own answers) from the control; on-policy reverse KL only the divergence from it (and
+    # is shown against off-policy reverse KL too); AdaKD is added over the latter
+    ROUNDS_CONTROL: "forward KL", ONPOLICY_FKL: ROUNDS_CONTROL, ONPOLICY_ROW: (ONPOLICY_FKL, "reverse KL"),
+    ONPOLICY_ADAKD: ONPOLICY_ROW,
 }
 HOW = {  # what each row changes: its own words; the table's sentence adds what it measured
     "teacher": "trained on many samples per prompt: the answer distributions it learned are the target",
@@ -229,6 +266,13 @@ HOW = {  # what each row changes: its own words; the table's sentence adds what 
     "forward KL, sampled cache": "64 teacher draws per position instead of the top-16",
     "ablation: softened IDTS over reverse KL": "not a default: IDTS with --temperature-scale -0.5 (harder positions "
                                                "hotter, the official code's soften direction)",
+    ROUNDS_CONTROL: "forward KL for the first half of the steps (the warm-up every on-policy row shares), then the "
+                    "rounds' steps on the transfer set's cache: the rounds' schedule without the student's text",
+    ONPOLICY_FKL: "the warm-up, then rounds of: the student answers the transfer prompts (adakd generate, T = 1), the "
+                  "teacher scores those answers (cache-teacher), forward KL on them (train-student from the round's "
+                  "student)",
+    ONPOLICY_ROW: "the same rounds with reverse KL on the student's answers",
+    ONPOLICY_ADAKD: "the same rounds with AdaKD (LATF + IDTS, published values) over their reverse KL",
 }
 
 
@@ -285,16 +329,74 @@ def bin_(name: str) -> str:
     return shutil.which(name, path=os.path.dirname(sys.executable)) or name
 
 
-def run(cmd: list[str], log, threads: int | None = None) -> str:
-    """Run a command as a user would, logging it; its stdout, or an error with the end of its output."""
-    log("  $ " + shlex.join(cmd))
-    env = dict(os.environ)
+# What every command imports: loaded once by the fork server, so a command starts in well under a second
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "adakd.cli", "adakd.trainer.train",
+           "adakd.trainer.evaluate", "adakd.pipeline.capture", "adakd.pipeline.engine_hf", "adakd.pipeline.generate"]
+ENTRY_POINTS = {"cache-teacher": "cache_teacher_cmd", "train-student": "train_student_cmd", "adakd": "main"}
+
+
+def _command_child(cmd: list[str], threads: int | None, output: str) -> None:
+    """In a fork-server child: one console script's click command with `cmd`'s arguments, as its process would run
+    it (its own process, its exit status, stdout and stderr into `output`)."""
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r.stdout
+        import torch
+
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        torch.set_num_threads(threads)
+    from adakd import cli
+
+    name = os.path.basename(cmd[0])
+    getattr(cli, ENTRY_POINTS[name]).main(cmd[1:], prog_name=name)
+
+
+class Launcher:
+    """Runs the demo's commands: from a fork server that imported `PRELOAD` once, or as plain subprocesses
+    (`fork_server=False`, and always for commands it has no entry point for or that start vLLM, which manages
+    processes of its own)."""
+
+    def __init__(self, fork_server: bool, engine: str):
+        self.engine = engine
+        self.seconds: list[tuple[str, float]] = []  # (command, wall seconds), in the order they ended
+        self.ctx = multiprocessing.get_context("forkserver") if fork_server else None
+        if self.ctx:
+            self.ctx.set_forkserver_preload(PRELOAD)
+
+    def __call__(self, cmd: list[str], threads: int | None) -> tuple[int, str]:
+        t0 = time.perf_counter()
+        try:
+            return self._run(cmd, threads)
+        finally:
+            self.seconds.append((shlex.join(cmd), round(time.perf_counter() - t0, 2)))
+
+    def _run(self, cmd: list[str], threads: int | None) -> tuple[int, str]:
+        name = os.path.basename(cmd[0])
+        if self.ctx is None or name not in ENTRY_POINTS or self.engine == "vllm" and name == "cache-teacher":
+            env = dict(os.environ)
+            if threads:
+                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            return r.returncode, r.stdout + r.stderr
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="adakd-demo-") as tmp:
+            output = os.path.join(tmp, "output.txt")
+            p = self.ctx.Process(target=_command_child, args=(cmd, threads, output))
+            p.start()
+            p.join()
+            return p.exitcode, Path(output).read_text(errors="replace") if os.path.exists(output) else ""
+
+
+def run(cmd: list[str], log, threads: int | None = None, launcher: Launcher | None = None) -> str:
+    """Run a command as a user would, logging it; its output, or an error with the end of its output."""
+    log("  $ " + shlex.join(cmd))
+    code, output = (launcher or Launcher(False, "hf"))(cmd, threads)
+    if code != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({code}):\n{output[-4000:]}")
+    return output
 
 
 @dataclass
@@ -309,6 +411,10 @@ class Setup:
     log: object
     jobs: ThreadPoolExecutor
     threads: int
+    launcher: Launcher
+
+    def run(self, cmd: list[str]) -> str:
+        return run(cmd, self.log, self.threads, self.launcher)
 
 
 def prepare(cfg: DemoConfig, log) -> Setup:
@@ -336,7 +442,7 @@ def prepare(cfg: DemoConfig, log) -> Setup:
     train_lm(model_config(len(tok), 64, 2, tok), tok, pretraining_draw(truth), cfg.pretrain_steps, 1,
              out / "student-start", log, "student start")
     setup = Setup(cfg, out, tok, truth, test_file, log, ThreadPoolExecutor(cfg.jobs),
-                  max(1, (os.cpu_count() or 1) // cfg.jobs))
+                  max(1, (os.cpu_count() or 1) // cfg.jobs), Launcher(cfg.fork_server, cfg.engine))
     log(f"[3/5] per seed: a transfer set ({len(truth) * cfg.transfer_repeats} distributional + "
         f"{cfg.transfer_deterministic} deterministic items) and cache-teacher on it: top-16 and sampled (N = {cfg.samples})")
 
@@ -345,32 +451,81 @@ def prepare(cfg: DemoConfig, log) -> Setup:
         d.mkdir()
         (d / "transfer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in transfer_set(truth, cfg, seed)))
         for kind, extra in (("topk", ["--top-k", "16"]), ("sampled", ["--targets", "sampled", "--samples", str(cfg.samples)])):
-            run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(d / "transfer.jsonl"), "--out",
-                 str(d / f"cache-{kind}"), "--engine", cfg.engine, "--prompt-template", TEMPLATE, "--no-progress", *extra],
-                log, setup.threads)
+            setup.run([bin_("cache-teacher"), "--teacher", str(out / "teacher"), "--data", str(d / "transfer.jsonl"),
+                       "--out", str(d / f"cache-{kind}"), "--engine", cfg.engine, "--prompt-template", TEMPLATE,
+                       "--no-progress", *extra])
 
     list(setup.jobs.map(caches, range(cfg.seeds)))
     return setup
 
 
-def train_students(setup: Setup, methods: dict[str, tuple[str, list[str]]], steps: int | None = None) -> None:
-    """Every method x seed, `train-student` from the student start (`cfg.jobs` at a time), into seed<s>/<slug>."""
+def train_student(setup: Setup, caches: list[Path], student: Path, out: Path, steps: int, seed: int,
+                  extra: list[str]) -> None:
+    setup.run([bin_("train-student"), *[a for c in caches for a in ("--cache", str(c))], "--student", str(student),
+               "--out", str(out), "--max-steps", str(steps), "--batch-tokens", str(setup.cfg.batch_tokens), "--lr", "3e-3",
+               "--seed", str(seed), "--no-progress", *extra])
+
+
+def train_students(setup: Setup, methods: dict[str, tuple[str, list[str]]], steps: int | None = None,
+                   onpolicy: bool = False) -> None:
+    """Every method x seed, `train-student` from the student start (`cfg.jobs` at a time), into seed<s>/<slug>; with
+    `onpolicy`, each seed's on-policy rows too (`onpolicy_rows`, queued first: each is a chain of commands)."""
     cfg = setup.cfg
 
     def student(task: tuple[int, str]) -> None:
         seed, name = task
         kind, extra = methods[name]
         d = setup.out / f"seed{seed}"
-        run([bin_("train-student"), "--cache", str(d / f"cache-{kind}"), "--student", str(setup.out / "student-start"),
-             "--out", str(d / slug(name)), "--max-steps", str(steps or cfg.student_steps), "--batch-tokens",
-             str(cfg.batch_tokens), "--lr", "3e-3", "--seed", str(seed), "--no-progress", *extra], setup.log, setup.threads)
+        train_student(setup, [d / f"cache-{kind}"], setup.out / "student-start", d / slug(name),
+                      steps or cfg.student_steps, seed, extra)
 
+    chains = [setup.jobs.submit(onpolicy_rows, setup, s) for s in range(cfg.seeds)] if onpolicy else []
     list(setup.jobs.map(student, [(s, m) for s in range(cfg.seeds) for m in methods]))
+    for c in chains:
+        c.result()
+
+
+def onpolicy_rows(setup: Setup, seed: int) -> None:
+    """One seed's on-policy rows: a forward-KL warm-up on the top-16 cache for the first half of the student steps,
+    then `cfg.rounds` rounds of generate -> cache-teacher -> train-student (the row's divergence on the round's cache
+    only, GKD's lambda = 1), each round from the previous round's student: the commands `adakd distill` runs per
+    round. The rows share the warm-up and so its answers and their cache; after that each row answers with its own
+    student. The control's rounds train on the transfer set's cache (no generation)."""
+    cfg = setup.cfg
+    d = setup.out / f"seed{seed}"
+    prompts = d / "prompts.jsonl"  # the transfer set's questions, without its answers
+    prompts.write_text("".join(json.dumps({"instruction": json.loads(line)["instruction"]}) + "\n"
+                               for line in (d / "transfer.jsonl").read_text().splitlines()))
+    warmup = d / "onpolicy-warmup"
+    train_student(setup, [d / "cache-topk"], setup.out / "student-start", warmup, cfg.warmup_steps, seed,
+                  ["--loss", "fkl", "--no-adakd"])
+    current = {name: warmup for name in ONPOLICY}
+    for r in range(1, cfg.rounds + 1):
+        for name, (own_answers, extra) in ONPOLICY.items():
+            run_dir = current[name]
+            answers, cache = run_dir.with_name(run_dir.name + "-answers.jsonl"), run_dir.with_name(run_dir.name + "-cache")
+            if not own_answers:
+                cache = d / "cache-topk"
+            elif not cache.exists():  # round 1: the rows answer with the shared warm-up student
+                setup.run([bin_("adakd"), "generate", "--model", str(run_dir / "final"), "--data", str(prompts), "--out",
+                           str(answers), "--engine", "hf", "--samples", str(cfg.onpolicy_samples), "--max-new-tokens",
+                           "16", "--seed", str(100 * seed + r), "--prompt-template", TEMPLATE, "--no-progress"])
+                setup.run([bin_("cache-teacher"), "--teacher", str(setup.out / "teacher"), "--data", str(answers),
+                           "--out", str(cache), "--engine", cfg.engine, "--prompt-template", TEMPLATE, "--top-k", "16",
+                           "--no-progress"])
+            current[name] = d / slug(name) / f"round-{r}"
+            train_student(setup, [cache], run_dir / "final", current[name], cfg.round_steps, seed, extra)
+
+
+def run_dirs(setup: Setup, seed: int, name: str) -> list[Path]:
+    """The train-student output directories of a row's student in one seed, in order (the last holds final/)."""
+    d = setup.out / f"seed{seed}" / slug(name)
+    return [d / f"round-{r}" for r in range(1, setup.cfg.rounds + 1)] if name in ONPOLICY else [d]
 
 
 def score_students(setup: Setup, names) -> dict[str, list[Scores]]:
     """Each trained student of these methods, every seed, scored exactly against the truth."""
-    return {name: [score(setup.out / f"seed{s}" / slug(name) / "final", setup.tok, setup.truth, setup.test_file,
+    return {name: [score(run_dirs(setup, s, name)[-1] / "final", setup.tok, setup.truth, setup.test_file,
                          setup.out / f"seed{s}" / slug(name) / "generations.jsonl") for s in range(setup.cfg.seeds)]
             for name in names}
 
@@ -379,6 +534,8 @@ def demo(cfg: DemoConfig) -> dict:
     lines: list[str] = []
 
     def log(msg: str) -> None:
+        if msg.startswith("["):  # a stage: when it began
+            msg += f" (at {time.time() - t0:.0f} s)"
         print(msg, flush=True)
         lines.append(msg)
 
@@ -386,18 +543,21 @@ def demo(cfg: DemoConfig) -> dict:
     setup = prepare(cfg, log)
     out, tok, truth, test_file = setup.out, setup.tok, setup.truth, setup.test_file
     log(f"[4/5] train-student x {len(METHODS) * cfg.seeds} ({len(METHODS)} methods x {cfg.seeds} seeds, "
-        f"{cfg.student_steps} steps each, from the student start; {cfg.jobs} at a time)")
-    train_students(setup, METHODS)
+        f"{cfg.student_steps} steps each, from the student start), and per seed the on-policy rows: "
+        f"{cfg.warmup_steps} steps of forward KL, then {cfg.rounds} rounds of adakd generate -> cache-teacher -> "
+        f"train-student ({cfg.round_steps} steps of reverse KL, or forward KL, on the student's own answers); "
+        f"{cfg.jobs} at a time")
+    train_students(setup, METHODS, onpolicy=True)
     setup.jobs.shutdown()
     log("[5/5] scoring: exact answer distributions against the truth, greedy exact match on held-out items")
     results: dict[str, list[Scores]] = {
         "teacher": [score(out / "teacher", tok, truth, test_file, out / "teacher_generations.jsonl")],
         "student start": [score(out / "student-start", tok, truth, test_file, out / "start_generations.jsonl")],
     }
-    results.update(score_students(setup, METHODS))
+    results.update(score_students(setup, [*METHODS, *ONPOLICY]))
     summary = {name: _summary(rows) for name, rows in results.items()}
-    for name in METHODS:
-        summary[name]["adakd"] = _adakd_diagnostics([out / f"seed{s}" / slug(name) / "train_log.jsonl"
+    for name in [*METHODS, *ONPOLICY]:
+        summary[name]["adakd"] = _adakd_diagnostics([[r / "train_log.jsonl" for r in run_dirs(setup, s, name)]
                                                      for s in range(cfg.seeds)])
     table = _table(summary, cfg)
     for row in table:
@@ -406,7 +566,10 @@ def demo(cfg: DemoConfig) -> dict:
     log(verdict)
     _plot(summary, out, cfg)
     elapsed = time.time() - t0
-    log(f"done in {elapsed:.0f} s; everything is in {out}/ (results.md, demo.png, caches and students per seed)")
+    log(f"done in {elapsed:.0f} s; everything is in {out}/ (results.md, demo.png, timings.json, caches and students per "
+        "seed)")
+    (out / "timings.json").write_text(json.dumps({"seconds": round(elapsed, 1), "commands": setup.launcher.seconds},
+                                                 indent=1))
     (out / "results.md").write_text("# adakd demo\n\n" + "\n".join(table) + f"\n\n{verdict}\n\nWall time {elapsed:.0f} s.\n")
     figures = {"bench": "demo", "seeds": cfg.seeds, "seconds": round(elapsed, 1), "rows": summary,
                "kd_beats_ce": verdict.startswith("KD beats")}
@@ -414,12 +577,12 @@ def demo(cfg: DemoConfig) -> dict:
     return figures
 
 
-def _adakd_diagnostics(logs: list[Path]) -> dict:
-    """What AdaKD did in a method's runs (their step logs): IDTS's saturated share and the harder half's mean
-    temperature, averaged over steps and seeds; LATF's final ratio."""
-    rows = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
+def _adakd_diagnostics(logs: list[list[Path]]) -> dict:
+    """What AdaKD did in a method's runs (per seed, the step logs of its runs in order): IDTS's saturated share and
+    the harder half's mean temperature, averaged over steps and seeds; LATF's final ratio (each seed's last run)."""
+    rows = [json.loads(line) for runs in logs for f in runs for line in f.read_text().splitlines()]
     mean = lambda key: statistics.fmean(v) if (v := [r[key] for r in rows if r.get(key) is not None]) else None  # noqa: E731
-    finals = [json.loads(f.read_text().splitlines()[-1])["latf_ratio"] for f in logs]
+    finals = [json.loads(runs[-1].read_text().splitlines()[-1])["latf_ratio"] for runs in logs]
     return {"saturated": mean("temp_saturated"), "temp_hard": mean("temp_hard"), "final_ratio": statistics.fmean(finals)}
 
 
@@ -434,9 +597,9 @@ def what(name: str, summary: dict) -> str:
         parts = [p for p in ("LATF", "IDTS") if p in name] if "only" in name else ["LATF", "IDTS"]
         head = " + ".join(parts) + " with the published values"
     s = summary[name]
-    base = BASE.get(name)
+    bases = BASE.get(name) or ()
     text = head
-    if base:
+    for base in (bases,) if isinstance(bases, str) else bases:
         d = [a - b for a, b in zip(s["distance"]["seeds"], summary[base]["distance"]["seeds"])]
         v = [a - b for a, b in zip(s["valid"]["seeds"], summary[base]["valid"]["seeds"])]
         mean_d = statistics.fmean(d)
@@ -503,7 +666,7 @@ def _plot(summary: dict, out: Path, cfg: DemoConfig) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.6))
     panels = (("valid", "valid answers (%)", 100), ("distance", "TV distance to the true answer distribution", 1),
               ("exact_match", "exact match, deterministic items (%)", 100))
-    colors = ["#444", "#999"] + ["#aa5533"] + ["#3366aa"] * (len(names) - 3)
+    colors = ["#444", "#999", "#aa5533"] + ["#339955" if n in ONPOLICY else "#3366aa" for n in names[3:]]
     for a, (key, label, scale) in zip(ax, panels):
         means = [summary[n][key]["mean"] * scale for n in names]
         sds = [summary[n][key]["sd"] * scale for n in names]

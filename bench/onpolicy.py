@@ -1,6 +1,7 @@
 """On-policy rounds through the cache against off-policy training at equal student steps, paired seeds.
 
     python -m bench.onpolicy [--steps 200] [--seeds 3] [--rounds 2] [--lam 0.5] [--round-loss fkl] [--quick] [--docs]
+    python -m bench.onpolicy --quick --rounds 1 --records 12 --jobs 2      (the smoke run tests make)
 
 - Teacher: ../shared/models/stories260K on TinyStories (its domain: a sharp, real teacher). Student: the
   teacher's config with 2 layers, random init (seeded).
@@ -41,6 +42,8 @@ TEACHER = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "tinystories"
 METRICS = (("tf_kl", "teacher-forced KL(teacher||student), test stories"), ("tf_nll", "student NLL, test stories"),
            ("op_rkl", "on-policy KL(student||teacher), own samples"), ("op_teacher_nll", "teacher NLL of own samples"))
+# --quick: every stage runs, on a few stories and steps (tests/test_bench_onpolicy.py runs it with --rounds 1)
+QUICK = {"steps": 4, "seeds": 2, "prompts": 6, "eval_prompts": 4, "new_tokens": 8, "records": 40, "batch_tokens": 2048}
 
 
 def adakd(*args: str, log=print) -> str:
@@ -145,6 +148,15 @@ def score(s: dict, model: Path, args) -> dict:
     return {"tf_kl": tf["kl"], "tf_nll": tf["nll"], "op_rkl": op["rkl"], "op_teacher_nll": op["teacher_nll"]}
 
 
+def run_seed(s: dict, out: Path, args, seed: int) -> tuple[dict, dict]:
+    """One paired seed: both arms trained and scored; the on-policy arm's cost."""
+    print(f"seed {seed}: off-policy {args.steps} steps; on-policy {args.steps // 2} + {args.rounds} rounds", flush=True)
+    a = score(s, off_policy(s, out / f"seed{seed}" / "off", args, seed), args)
+    model, cost = on_policy(s, out / f"seed{seed}" / "on", args, seed)
+    b = score(s, model, args)
+    return {"seed": seed, "off": a, "on": b}, cost
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="student optimizer steps per arm")
@@ -160,23 +172,32 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--records", type=int, default=0, help="cache only the first N stories (0: all)")
     p.add_argument("--out", default="runs/onpolicy-bench")
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (the figures mean nothing)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds run side by side, N at a time (each seed's commands as with 1; the rounds' seconds then "
+                        "share the cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="a minutes-long smoke run (the figures mean nothing): small defaults, options given still apply")
     p.add_argument("--docs", action="store_true", help="write the block in docs/results.md")
     args = p.parse_args()
-    if args.quick:
-        args.steps, args.seeds, args.prompts, args.eval_prompts, args.new_tokens, args.records = 4, 2, 6, 4, 8, 40
-        args.batch_tokens = 2048
+    if args.quick:  # the smoke run's sizes replace the defaults only: `--quick --rounds 1` runs 1 round
+        p.set_defaults(**QUICK)
+        args = p.parse_args()
+    if args.rounds < 1 or args.steps // 2 < 1 or (args.steps - args.steps // 2) // args.rounds < 1:
+        p.error(f"--steps {args.steps} --rounds {args.rounds}: the warm-up and every round need at least one step "
+                "(--steps >= 2 x rounds, rounds >= 1)")
+    if args.seeds < 1 or args.jobs < 1:
+        p.error(f"--seeds {args.seeds} --jobs {args.jobs}: at least 1 each")
     out = Path(args.out)
     t0 = time.perf_counter()
     s = setup(out, args)
-    rows, costs = [], []
-    for seed in range(args.seeds):
-        print(f"seed {seed}: off-policy {args.steps} steps; on-policy {args.steps // 2} + {args.rounds} rounds", flush=True)
-        a = score(s, off_policy(s, out / f"seed{seed}" / "off", args, seed), args)
-        model, cost = on_policy(s, out / f"seed{seed}" / "on", args, seed)
-        b = score(s, model, args)
-        rows.append({"seed": seed, "off": a, "on": b})
-        costs.append(cost)
+    if args.jobs > 1:  # seeds are independent: their commands run side by side (each its own processes)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(lambda seed: run_seed(s, out, args, seed), range(args.seeds)))
+    else:
+        runs = [run_seed(s, out, args, seed) for seed in range(args.seeds)]
+    rows, costs = [r for r, _ in runs], [c for _, c in runs]
     result = {"bench": "onpolicy", "steps": args.steps, "seeds": args.seeds, "rounds": args.rounds, "lam": args.lam,
               "round_loss": args.round_loss, "seconds": round(time.perf_counter() - t0, 1), "per_seed": rows}
     lines = [f"| metric | off-policy {args.steps} steps | on-policy {args.steps // 2} + {args.rounds} rounds | "

@@ -1,7 +1,9 @@
 """Dataset -> records of one known shape (instruction, chat or plain text), with row-level errors.
 
 Local files (jsonl/json/parquet/csv/txt, a directory or a glob of them) and hub dataset names are
-loaded with `datasets` (Arrow-backed, memory-mapped: memory does not grow with the dataset).
+loaded with `datasets` (Arrow-backed, memory-mapped: memory does not grow with the dataset). One data file
+on an object store (`s3://bucket/gen.jsonl`, any URI pyarrow's filesystems read) is downloaded once per
+process into a temporary folder (removed at exit) and read as that local file.
 """
 
 from __future__ import annotations
@@ -108,6 +110,48 @@ def generated_ids(row: dict) -> tuple[list[int], bool] | None:
     return list(ids), g.get("finish") == "stop"
 
 
+_DOWNLOADED: dict[str, str] = {}  # store URI -> its local copy
+
+
+def local_source(source: str) -> str:
+    """`source` itself, or for a data file on an object store its local copy (same file name, so the data's
+    fingerprint is that of the same file on disk), downloaded on first use."""
+    from adakd.storage.fs import is_uri, redact
+
+    if not is_uri(source):
+        return source
+    if source in _DOWNLOADED:
+        return _DOWNLOADED[source]
+    import atexit
+    import shutil
+    import tempfile
+
+    base, _, query = source.partition("?")
+    folder, _, name = base.rstrip("/").rpartition("/")
+    if os.path.splitext(name)[1] not in FORMATS or "/" not in base.split("://", 1)[1]:
+        raise DataError(f"--data {redact(source)}: a store URI must name one data file ({'/'.join(sorted(FORMATS))}), "
+                        "such as s3://bucket/runs/gen.jsonl; folders and globs are read from local disk only")
+    from adakd.storage.fs import CacheDir
+
+    tmp = tempfile.mkdtemp(prefix="adakd-data-")
+    atexit.register(shutil.rmtree, tmp, True)
+    local = os.path.join(tmp, name)
+    try:
+        CacheDir.open(f"{folder}{'?' + query if query else ''}").download(name, local)
+    except Exception as e:  # pyarrow and the store raise many types
+        raise DataError(f"--data {redact(source)}: cannot be read from the store ({redact(str(e))}); check the URI, "
+                        "the credentials and the endpoint (docs/object-stores.md)") from e
+    _DOWNLOADED[source] = local
+    return local
+
+
+def source_name(source: str) -> str:
+    """How messages name the data: a store URI with its credentials redacted."""
+    from adakd.storage.fs import redact
+
+    return redact(source)
+
+
 def local_files(source: str) -> list[str]:
     if os.path.isdir(source):
         files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True) if os.path.splitext(f)[1] in FORMATS)
@@ -134,29 +178,35 @@ def load_dataset(spec: DataSpec):
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # load errors are reported below, naming the line
     datasets.disable_progress_bars()
+    source = local_source(spec.source)
     try:
-        if is_local(spec.source):
-            files = local_files(spec.source)
+        if is_local(source):
+            files = local_files(source)
             for f in files:
                 if not os.path.isfile(f):
-                    raise DataError(f"{f}: no such data file")
+                    raise DataError(f"{f}: no such data file; check the --data path")
                 if os.path.getsize(f) == 0:
-                    raise DataError(f"{f}: the file is empty")
+                    raise DataError(f"{f}: the file is empty; --data needs at least one row")
             kinds = {FORMATS.get(os.path.splitext(f)[1]) for f in files}
             if None in kinds or len(kinds) != 1:
                 raise DataError(f"{spec.source}: data files must all be one of {sorted(FORMATS)}; got {files[:5]}")
             ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
         else:
             ds = datasets.load_dataset(spec.source, spec.config, split=spec.split)
-    except DataError:
+    except DataError as e:
+        if source != spec.source:  # name the store URI, not its local copy
+            raise DataError(str(e).replace(source, source_name(spec.source))) from e
         raise
     except Exception as e:  # datasets raises many types for unreadable input
-        bad = first_bad_json_line(files) if is_local(spec.source) else None
-        raise DataError(bad or f"{spec.source}: cannot load the dataset ({type(e).__name__}: {_first_line(e)})") from e
+        bad = first_bad_json_line(files) if is_local(source) else None
+        if bad and source != spec.source:
+            bad = bad.replace(source, source_name(spec.source))
+        raise DataError(bad or f"{source_name(spec.source)}: cannot load the dataset ({type(e).__name__}: "
+                        f"{_first_line(e)})") from e
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     if len(ds) == 0:
-        raise DataError(f"{spec.source}: the dataset has no rows")
+        raise DataError(f"{source_name(spec.source)}: the dataset has no rows")
     return ds
 
 
@@ -170,8 +220,9 @@ def _first_line(e: Exception) -> str:
 def fingerprint(spec: DataSpec, ds) -> str:
     """Content hash of local files (plus the row count); the datasets fingerprint for hub datasets."""
     h = hashlib.sha256()
-    if is_local(spec.source):
-        for f in local_files(spec.source):
+    source = local_source(spec.source)
+    if is_local(source):
+        for f in local_files(source):
             h.update(os.path.basename(f).encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -281,7 +332,9 @@ def _to_record(row: dict, index: int, m: Mapping, spec: DataSpec, where: str, pr
         if not prompts and not any(x["role"] == "assistant" for x in out):
             raise DataError(f"{where}, column {m.messages!r}: no assistant message to train on")
         return Record(index, "chat", messages=out)
-    response = "" if prompts else _text(row, m.response, where)
+    # a generated response may be the stop token alone (the student chose to answer nothing): its text is empty,
+    # its one token is still trained
+    response = "" if prompts else _text(row, m.response, where, allow_empty=generated_ids(row) is not None)
     if m.prompt:
         prompt = _text(row, m.prompt, where)
     else:
@@ -296,7 +349,7 @@ def iter_records(spec: DataSpec, ds, worker_index: int = 0, num_workers: int = 1
                  prompts: bool = False) -> Iterator[Record]:
     """This worker's records (index % num_workers == worker_index) from dataset index `start` on
     (`prompts`: as prompts for `adakd generate`, see `to_record`)."""
-    where0 = f"{spec.source}"
+    where0 = source_name(spec.source)
     m = resolve_mapping(spec, list(ds.column_names), where0, prompts)
     first = start + ((worker_index - start) % num_workers)
     indices = range(first, len(ds), num_workers)

@@ -6,7 +6,9 @@ chat rows `{"messages": [<prompt turns>, {"role": "assistant", "content": <respo
 trains exactly those tokens (`common.tokens.RecordTokenizer`). Sample j of record r is drawn with a generator
 seeded from (seed, r, j): the output does not depend on batching, workers or resume. Lines are appended record by
 record with an fsync per batch; a re-run truncates a torn last line and goes on after the last whole record.
-Guide: docs/on-policy.md.
+An object-store `--out` (s3://...) is staged locally and uploaded as chunk objects of whole records (`StoreParts`);
+a re-run resumes after the last chunk in the store. The hf engine samples with `adakd.common.sampler`, the
+sampler `adakd eval --generate` uses. Guide: docs/on-policy.md.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from adakd.common.data import DataError, DataSpec, Record, iter_records, load_dataset, row_name
+from adakd.common.sampler import draw, processed_logprobs, real_vocab, sample_generator, sample_seed
 from adakd.common.tokens import generation_prompt
 
 from .engine import EngineError
 
 ENGINES = ("auto", "hf", "vllm")
 BATCH_RECORDS = 64  # vLLM: records per engine call (and per fsync)
+CHUNK_RECORDS = 64  # a store --out: records per uploaded chunk at most (--chunk-records) ...
+CHUNK_SECONDS = 60.0  # ... and a chunk at least this often while records are pending
 
 
 @dataclass
@@ -44,6 +50,8 @@ class GenerateConfig:
     trust_remote_code: bool = False
     gpu_memory_utilization: float = 0.9
     show_progress: bool = True
+    staging: str | None = None  # a store --out: the local folder for the staging file (default: the temp folder)
+    chunk_records: int = CHUNK_RECORDS  # a store --out: records per uploaded chunk at most
 
 
 @dataclass
@@ -73,17 +81,11 @@ def worker_file(out: str, worker_index: int, num_workers: int) -> str:
     return f"{stem}.worker-{worker_index:05d}-of-{num_workers:05d}.jsonl"
 
 
-def sample_seed(seed: int, record: int, sample: int) -> int:
-    """The seed of sample `sample` of dataset row `record`: a function of the three numbers alone."""
-    digest = hashlib.sha256(f"adakd-generate:{seed}:{record}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def check_options(cfg: GenerateConfig) -> None:
     if cfg.engine not in ENGINES:
         raise EngineError(f"--engine must be one of {ENGINES}, not {cfg.engine!r}")
     for opt, value, low in (("--samples", cfg.samples, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
-                            ("--num-workers", cfg.num_workers, 1)):
+                            ("--num-workers", cfg.num_workers, 1), ("--chunk-records", cfg.chunk_records, 1)):
         if value < low:
             raise EngineError(f"{opt} must be at least {low}, not {value}")
     if not 0 <= cfg.worker_index < cfg.num_workers:
@@ -214,7 +216,7 @@ class HFGenerator:
         import torch
 
         cfg, n = self.cfg, self.cfg.samples
-        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, p.record, j)) for j in range(n)]
+        gens = [sample_generator(cfg.seed, p.record, j) for j in range(n)]
         stops = set(self.student.stop_ids)
         budget = min(cfg.max_new_tokens, self.student.positions - len(p.ids))
         tokens: list[list[int]] = [[] for _ in range(n)]
@@ -223,7 +225,10 @@ class HFGenerator:
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([p.ids] * n, device=self.device), use_cache=True)
             for _ in range(budget):
-                picked, logp = _sample(out.logits[:, -1].float().cpu(), gens, cfg.temperature, cfg.top_p)
+                logits = out.logits[:, -1]
+                token, lp = draw(logits, gens, real_vocab(self.student.tok, logits.shape[-1]), cfg.temperature,
+                                 cfg.top_p)
+                picked, logp = token.tolist(), lp.tolist()
                 for i in range(n):
                     if not done[i]:
                         tokens[i].append(picked[i])
@@ -237,42 +242,6 @@ class HFGenerator:
 
     def close(self) -> None:
         self.model = None
-
-
-def processed_logprobs(logits, temperature: float, top_p: float):
-    """Log-probabilities of the distribution sampled from: softmax(logits / T) cut to its top-p nucleus and
-    renormalized (vLLM's `processed_logprobs`, same nucleus rule: ids whose ascending cumulative probability
-    is <= 1 - p are dropped, the most likely id always kept). T = 0 (greedy): plain log_softmax(logits)."""
-    import torch
-
-    if temperature == 0:
-        return logits.log_softmax(-1)
-    logits = logits / temperature
-    if top_p < 1:
-        srt, idx = logits.sort(dim=-1, descending=False)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.scatter(-1, idx, srt.masked_fill(drop, -float("inf")))
-    return torch.log_softmax(logits, -1)
-
-
-def _sample(logits, gens: list, temperature: float, top_p: float) -> tuple[list[int], list[float]]:
-    """One token per row, row i drawn by inverse CDF (float64) with one uniform from generator i."""
-    import torch
-
-    lp = processed_logprobs(logits, temperature, top_p)
-    picked, logp = [], []
-    for i, g in enumerate(gens):
-        u = torch.rand((), generator=g, dtype=torch.float64)  # drawn even when greedy: one per step, always
-        if temperature == 0:
-            t = int(lp[i].argmax())
-        else:
-            cdf = lp[i].double().exp().cumsum(0)
-            t = min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), len(cdf) - 1)
-        picked.append(t)
-        logp.append(float(lp[i, t]))
-    return picked, logp
 
 
 class VLLMGenerator:
@@ -381,9 +350,10 @@ def line_of(student: Student, p: Prompt, j: int, s: Sample, common: dict[str, An
     return json.dumps(row) + "\n"
 
 
-def resume_point(path: str, common: dict[str, Any], samples: int) -> tuple[int, int]:
+def resume_point(path: str, common: dict[str, Any], samples: int, name: str | None = None) -> tuple[int, int]:
     """(next record index, whole records in the file) after cutting a torn last line and an unfinished last
-    record; refuses a file written with other settings."""
+    record; refuses a file written with other settings. `name`: the file as messages call it."""
+    name = name or path
     if not os.path.exists(path):
         return 0, 0
     with open(path, "rb") as f:
@@ -399,11 +369,11 @@ def resume_point(path: str, common: dict[str, Any], samples: int) -> tuple[int, 
             record, sample = int(gen["record"]), int(gen["sample"])
         except (ValueError, KeyError, TypeError):
             line_no = data.count(b"\n", 0, pos) + 1
-            raise DataError(f"{path}, line {line_no}: not a line written by adakd generate; "
+            raise DataError(f"{name}, line {line_no}: not a line written by adakd generate; "
                             "choose another --out (or delete this file)") from None
         differ = [f"{k} {gen.get(k)!r} -> {v!r}" for k, v in common.items() if gen.get(k) != v]
         if differ:
-            raise DataError(f"{path} was written with other settings; use another --out or the same settings. "
+            raise DataError(f"{name} was written with other settings; use another --out or the same settings. "
                             f"Differences: {', '.join(differ)}")
         seen = seen + 1 if record == last else 1
         last = record
@@ -421,30 +391,220 @@ def resume_point(path: str, common: dict[str, Any], samples: int) -> tuple[int, 
     return int(gen["record"]) + 1, count
 
 
-def generate(cfg: GenerateConfig) -> GenerateSummary:
-    """Run (or resume) one worker's share of `adakd generate`; returns its summary."""
-    check_options(cfg)
-    path = worker_file(cfg.out, cfg.worker_index, cfg.num_workers)
+# -- --out on an object store --------------------------------------------------------------------------------
+# A store cannot append: a worker writes its lines to a local staging file as on disk and uploads them as chunk
+# objects, each one PUT of whole records, `<out>.parts/worker-<i>-of-<W>/chunk-<n>.jsonl`. The chunks in the
+# store are the truth: a re-run (here or on another machine) rebuilds the staging file from them and resumes
+# after the last one. One worker finishes with one PUT of the whole file to `--out`; `--merge` joins the
+# workers' chunks into `--out`.
+
+_CHUNK = re.compile(r"^chunk-(\d{6})\.jsonl$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def parts_location(out: str) -> str:
+    """The folder of an object-store `--out`'s chunks: `<out>.parts` (the URI's query string kept)."""
+    base, sep, query = out.partition("?")
+    return f"{base.rstrip('/')}.parts{sep}{query}"
+
+
+def _store_target(out: str) -> tuple[str, str]:
+    """(folder URI, object name) of a store `--out`; the name must be a plain file name."""
+    base, sep, query = out.partition("?")
+    folder, _, name = base.rstrip("/").rpartition("/")
+    if not name or "/" not in base.split("://", 1)[1].strip("/") or not _PLAIN_NAME.match(name):
+        raise DataError(f"--out {redact(out)}: name the object to write, a plain file name inside a bucket (letters, "
+                        "digits, '.', '_', '-'), such as s3://bucket/runs/gen.jsonl")
+    return f"{folder}{sep}{query}", name
+
+
+def staging_file(cfg: GenerateConfig) -> str:
+    """The local file a store `--out`'s worker writes before its uploads: under `--staging` (default: the system's
+    temporary folder), in a folder named from the URI and the worker, so that a re-run finds it again."""
+    import tempfile
+
+    key = hashlib.sha256(f"{cfg.out}\0{cfg.worker_index}\0{cfg.num_workers}".encode()).hexdigest()[:16]
+    root = cfg.staging or tempfile.gettempdir()
+    return os.path.join(root, f"adakd-generate-{key}", _worker_folder(cfg.worker_index, cfg.num_workers) + ".jsonl")
+
+
+def _worker_folder(worker_index: int, num_workers: int) -> str:
+    return f"worker-{worker_index:05d}-of-{num_workers:05d}"
+
+
+class StoreParts:
+    """One worker's chunks in the store."""
+
+    def __init__(self, out: str, worker_index: int, num_workers: int):
+        from adakd.storage.errors import CacheError
+        from adakd.storage.fs import CacheDir
+
+        self.out, self.folder = out, _worker_folder(worker_index, num_workers)
+        self.name = f"{redact(parts_location(out)).partition('?')[0]}/{self.folder}"
+        try:
+            self.dir = CacheDir.open(parts_location(out))
+        except CacheError as e:
+            raise DataError(f"--out {redact(out)}: {e}; check the URI (docs/object-stores.md)") from e
+
+    def _fail(self, doing: str, e: Exception) -> DataError:
+        return DataError(f"--out {redact(self.out)}: cannot {doing} {self.name} ({redact(str(e))}); check the bucket, "
+                         "the credentials and the endpoint (docs/object-stores.md), then re-run to resume")
+
+    def chunks(self) -> list[str]:
+        """The chunk names, in order; refuses a gap (a chunk deleted by hand)."""
+        try:
+            names = sorted(n for n in self.dir.listdir(self.folder) if _CHUNK.match(n))
+        except Exception as e:  # pyarrow raises OSError and others for a store it cannot reach
+            raise self._fail("list", e) from e
+        for n, name in enumerate(names):
+            if int(_CHUNK.match(name).group(1)) != n:
+                raise DataError(f"{self.name}: chunk {n:06d} is missing (the chunks are {names[0]} .. {names[-1]}); "
+                                f"delete {self.name} and re-run this worker from the start")
+        return names
+
+    def read(self, names: list[str]) -> bytes:
+        try:
+            return b"".join(self.dir.read_bytes(f"{self.folder}/{n}") for n in names)
+        except Exception as e:
+            raise self._fail("read", e) from e
+
+    def put(self, n: int, data: bytes) -> None:
+        try:
+            self.dir.write_atomic(f"{self.folder}/chunk-{n:06d}.jsonl", data)
+        except Exception as e:
+            raise self._fail("upload a chunk to", e) from e
+
+
+def _put_object(out: str, data: bytes) -> None:
+    """`data` as the object `out`, one PUT."""
+    from adakd.storage.fs import CacheDir
+
+    folder, name = _store_target(out)
+    try:
+        CacheDir.open(folder).write_atomic(name, data)
+    except Exception as e:
+        raise DataError(f"--out {redact(out)}: cannot be written ({redact(str(e))}); check the bucket, the credentials "
+                        "and the endpoint (docs/object-stores.md), then re-run") from e
+
+
+def _object_size(out: str) -> int | None:
+    import pyarrow.fs as pafs
+
+    from adakd.storage.fs import CacheDir
+
+    folder, name = _store_target(out)
+    try:
+        d = CacheDir.open(folder)
+        info = d.fs.get_file_info(d.path(name))
+    except Exception:
+        return None
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def redact(text: str) -> str:
+    from adakd.storage.fs import redact as _redact
+
+    return _redact(text)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _staging_error(path: str, e: OSError) -> DataError:
+    return DataError(f"--staging: cannot write the staging file {path} ({e.strerror or e}); give --staging a writable "
+                     "local folder with room for this worker's lines")
+
+
+def _check_local_out(cfg: GenerateConfig, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DataError(f"--out {cfg.out}: {path} is a directory; --out names the jsonl file to write, such as "
+                        f"{os.path.join(path, 'gen.jsonl')}")
     if not os.path.isdir(folder):
         raise DataError(f"--out {cfg.out}: the folder {folder} does not exist; create it or choose another --out")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise DataError(f"--out {cfg.out}: {path} is not writable; choose another --out")
+
+
+def generate(cfg: GenerateConfig) -> GenerateSummary:
+    """Run (or resume) one worker's share of `adakd generate`; returns its summary."""
+    from adakd.storage.fs import is_uri
+
+    if not is_uri(cfg.out):
+        return _generate(cfg)
+    try:
+        return _generate(cfg)
+    finally:  # a store --out: every run rebuilds its staging file from the chunks, so it never outlives the run
+        _drop_staging(staging_file(cfg))
+
+
+def _drop_staging(path: str) -> None:
+    for drop in (os.unlink, os.rmdir):
+        try:
+            drop(path)
+        except OSError:
+            pass
+        path = os.path.dirname(path)
+
+
+def _generate(cfg: GenerateConfig) -> GenerateSummary:
+    from adakd.storage.fs import is_uri
+
+    check_options(cfg)
+    store, uploaded = None, b""
+    if is_uri(cfg.out):  # the staging file: exactly the chunks already in the store
+        _store_target(cfg.out)
+        store = StoreParts(cfg.out, cfg.worker_index, cfg.num_workers)
+        path = staging_file(cfg)
+        shown = redact(cfg.out) if cfg.num_workers == 1 else store.name
+        try:  # a bad --staging fails before the store is asked
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "ab").close()
+        except OSError as e:
+            raise _staging_error(path, e) from e
+        names = store.chunks()
+        uploaded = store.read(names)
+        try:
+            _write_file(path, uploaded)
+        except OSError as e:
+            raise _staging_error(path, e) from e
+    else:
+        path = worker_file(cfg.out, cfg.worker_index, cfg.num_workers)
+        _check_local_out(cfg, path)
+        shown = path
     student = load_student(cfg)
     ds = load_dataset(cfg.data)
     engine_name = choose_engine(cfg, student)
     common = settings(cfg, engine_name)
-    start, done = resume_point(path, common, cfg.samples)
-    summary = GenerateSummary(path, engine_name, records=done)
-    prompts = [prompt_of(student, r, f"{cfg.data.source}, {row_name(r.index)}")
+    chunks = 0
+    if store is not None:
+        chunks = len(names)
+        start, done = resume_point(path, common, cfg.samples, name=store.name)
+        if os.path.getsize(path) != len(uploaded):
+            raise DataError(f"{store.name}: its last chunk ends inside a record (not written by this version of adakd "
+                            f"generate?); delete {store.name} and re-run this worker from the start")
+    else:
+        start, done = resume_point(path, common, cfg.samples)
+    summary = GenerateSummary(shown, engine_name, records=done)
+    source = redact(cfg.data.source)
+    prompts = [prompt_of(student, r, f"{source}, {row_name(r.index)}")
                for r in iter_records(cfg.data, ds, cfg.worker_index, cfg.num_workers, start, prompts=True)]
     for p in prompts:
         if len(p.ids) >= student.positions:
-            raise DataError(f"{cfg.data.source}, {row_name(p.record)}: the prompt is {len(p.ids)} tokens, and the "
+            raise DataError(f"{source}, {row_name(p.record)}: the prompt is {len(p.ids)} tokens, and the "
                             f"student takes {student.positions} positions: no room to answer; shorten the prompt or "
                             "drop the row")
     if not prompts:
         summary.already_complete = True
+        if store is not None:
+            _finish_store(cfg, path, check=True)
         return summary
     engine: HFGenerator | VLLMGenerator = (HFGenerator if engine_name == "hf" else VLLMGenerator)(cfg, student)
     bar = None
@@ -453,26 +613,49 @@ def generate(cfg: GenerateConfig) -> GenerateSummary:
 
         bar = tqdm(total=len(prompts), unit="rec", desc=f"generate w{cfg.worker_index}", dynamic_ncols=True)
     t0 = time.perf_counter()
+    pending: list[str] = []  # lines written to the staging file and not uploaded yet
+    pending_records, last_put = 0, time.monotonic()
     try:
         with open(path, "a", encoding="utf-8") as f:
             for batch in _chunks(prompts, engine.batch_records):
                 answers = engine.generate(batch)
                 for p, samples in zip(batch, answers):
                     for j, s in enumerate(samples):
-                        f.write(line_of(student, p, j, s, common))
+                        line = line_of(student, p, j, s, common)
+                        f.write(line)
+                        if store is not None:
+                            pending.append(line)
                         summary.tokens += len(s.token_ids)
                 f.flush()
                 os.fsync(f.fileno())
                 summary.written += len(batch)
                 summary.records += len(batch)
+                if store is not None:
+                    pending_records += len(batch)
+                    last = batch[-1] is prompts[-1]
+                    if last or pending_records >= cfg.chunk_records or time.monotonic() - last_put >= CHUNK_SECONDS:
+                        store.put(chunks, "".join(pending).encode("utf-8"))
+                        chunks, pending, pending_records, last_put = chunks + 1, [], 0, time.monotonic()
                 if bar is not None:
                     bar.update(len(batch))
     finally:
         engine.close()
         if bar is not None:
             bar.close()
+    if store is not None:
+        _finish_store(cfg, path)
     summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def _finish_store(cfg: GenerateConfig, path: str, check: bool = False) -> None:
+    """A store worker whose chunks are all uploaded: one worker PUTs the whole file to `--out` (`check`: only when
+    the object is missing or of another size)."""
+    if cfg.num_workers == 1:
+        size = os.path.getsize(path)
+        if not check or _object_size(cfg.out) != size:
+            with open(path, "rb") as f:
+                _put_object(cfg.out, f.read())
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:
@@ -481,23 +664,51 @@ def _chunks(items: list, n: int) -> Iterator[list]:
 
 
 def merge_workers(out: str, num_workers: int) -> int:
-    """Write `out` from the worker files of a `--num-workers` run, ordered by record then sample: the file one
-    worker would have written. Returns the number of lines."""
+    """Write `out` from the worker files of a `--num-workers` run (a store `--out`: from the workers' chunks),
+    ordered by record then sample: the file one worker would have written. Returns the number of lines."""
+    from adakd.storage.fs import is_uri
+
     if num_workers < 2:
-        raise DataError("--merge needs the --num-workers the worker files were written with (2 or more)")
+        raise DataError(f"--merge needs the --num-workers the worker files were written with (2 or more), not "
+                        f"{num_workers}")
+    remote = is_uri(out)
+    if remote:
+        _store_target(out)
+    elif os.path.isdir(out):
+        raise DataError(f"--out {out}: a directory; --out names the merged jsonl file, such as "
+                        f"{os.path.join(out, 'gen.jsonl')}")
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise DataError(f"--out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist; create it "
+                        "or choose another --out")
     lines: list[tuple[int, int, bytes]] = []
     for i in range(num_workers):
-        path = worker_file(out, i, num_workers)
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no such worker file; run (or finish) worker {i} first")
-        with open(path, "rb") as f:
-            data = f.read()
+        if remote:
+            parts = StoreParts(out, i, num_workers)
+            name, names = parts.name, parts.chunks()
+            if not names:
+                raise DataError(f"{name}: no chunks of worker {i} in the store; run (or finish) worker {i} with "
+                                f"--num-workers {num_workers} first")
+            data = parts.read(names)
+        else:
+            name = worker_file(out, i, num_workers)
+            if not os.path.exists(name):
+                raise DataError(f"{name}: no such worker file; run (or finish) worker {i} with --num-workers "
+                                f"{num_workers} first")
+            with open(name, "rb") as f:
+                data = f.read()
         if data and not data.endswith(b"\n"):
-            raise DataError(f"{path}: its last line is torn; re-run worker {i} to finish it")
-        for line in data.splitlines(keepends=True):
-            gen = json.loads(line)["generation"]
-            lines.append((int(gen["record"]), int(gen["sample"]), line))
+            raise DataError(f"{name}: its last line is torn; re-run worker {i} to finish it")
+        for n, line in enumerate(data.splitlines(keepends=True)):
+            try:
+                gen = json.loads(line)["generation"]
+                lines.append((int(gen["record"]), int(gen["sample"]), line))
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{name}, line {n + 1}: not a line written by adakd generate; re-run worker {i} "
+                                "into a fresh --out") from None
     lines.sort(key=lambda x: (x[0], x[1]))
+    if remote:
+        _put_object(out, b"".join(line for _, _, line in lines))
+        return len(lines)
     tmp = f"{out}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         for _, _, line in lines:
@@ -509,4 +720,4 @@ def merge_workers(out: str, num_workers: int) -> int:
 
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate", "merge_workers", "sample_seed", "worker_file",
-           "processed_logprobs"]
+           "processed_logprobs", "parts_location", "staging_file"]

@@ -196,6 +196,142 @@ def test_generation_errors_name_the_thing(setup, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def copy_model(src: Path, dst: Path, skip: tuple[str, ...] = (), edit: dict | None = None) -> Path:
+    """A copy of the model folder `src` without the files `skip`, JSON files edited by `edit[name](dict)`."""
+    dst.mkdir(parents=True)
+    for f in os.listdir(src):
+        if f in skip:
+            continue
+        if f in (edit or {}):
+            (dst / f).write_text(json.dumps(edit[f](json.loads((src / f).read_text()))))
+        else:
+            (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+def failed(r, *words: str) -> str:
+    """The one error line of a refused run: status 1 (2: click's own), every word in it, no traceback."""
+    assert r.exit_code in (1, 2) and "Traceback" not in r.output, r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+    return r.output
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--samples", "0", ("--samples must be at least 1, not 0",)),
+    ("--max-new-tokens", "0", ("--max-new-tokens must be at least 1, not 0",)),
+    ("--num-workers", "0", ("--num-workers must be at least 1, not 0",)),
+    ("--chunk-records", "0", ("--chunk-records must be at least 1, not 0",)),
+    ("--worker-index", "2", ("--worker-index 2 must be in 0..0 (--num-workers 1)",)),
+    ("--temperature", "-0.5", ("--temperature must be within [0, 20] (0: greedy), not -0.5",)),
+    ("--temperature", "nan", ("--temperature must be within [0, 20]",)),
+    ("--temperature", "21", ("--temperature must be within [0, 20] (0: greedy), not 21.0",)),
+    ("--top-p", "0", ("--top-p must be within (0, 1], not 0.0",)),
+    ("--top-p", "1.5", ("--top-p must be within (0, 1], not 1.5",)),
+    ("--engine", "torch", ("'--engine'", "'torch' is not one of")),
+])
+def test_option_errors_name_the_option(setup, tmp_path, option, value, words):
+    """Every option out of range is refused through the real CLI, naming it, before any model loads."""
+    root, model, data, _ = setup
+    r = gen(tmp_path / "not-loaded", data, tmp_path / "o.jsonl", option, value, ok=False)  # no model needed
+    failed(r, *words)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_model_errors_say_what_to_do(setup, tmp_path):
+    root, model, data, chat = setup
+    r = CliRunner().invoke(cli.main, ["generate", "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+    failed(r, "--model is required")
+    notok = copy_model(model, tmp_path / "notok", skip=("tokenizer.json", "tokenizer_config.json",
+                                                         "chat_template.jinja"))
+    failed(gen(notok, data, tmp_path / "o.jsonl", ok=False), f"--model {notok}: the model has no usable tokenizer",
+           "tokenizer.save_pretrained(DIR)")
+
+    def no_eos(d: dict) -> dict:
+        d.pop("eos_token_id", None)
+        d.pop("eos_token", None)
+        return d
+
+    noeos = copy_model(model, tmp_path / "noeos", edit={"config.json": no_eos, "generation_config.json": no_eos,
+                                                         "tokenizer_config.json": no_eos})
+    failed(gen(noeos, data, tmp_path / "o.jsonl", ok=False), f"--model {noeos}: the model has no end-of-sequence token",
+           "set eos_token_id in the model's generation_config.json")
+    noweights = copy_model(model, tmp_path / "noweights", skip=("model.safetensors",))
+    failed(gen(noweights, data, tmp_path / "o.jsonl", ok=False), f"--model {noweights}: cannot load the model with "
+           "transformers", "pass a causal language model directory")
+    assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
+
+
+def test_data_errors_name_the_row(setup, tmp_path):
+    root, model, data, chat = setup
+    out = tmp_path / "o.jsonl"
+    failed(gen(model, tmp_path / "nope.jsonl", out, ok=False), "nope.jsonl: no such data file; check the --data path")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "the cat"}\n{"instruction": \n')
+    failed(gen(model, bad, out, ok=False), "bad.jsonl, line 2: not valid JSON", "fix or remove this line")
+    empty_row = write_jsonl(tmp_path / "empty_row.jsonl", [{"instruction": "the cat"}, {"instruction": "  "}])
+    failed(gen(model, empty_row, out, ok=False), "empty_row.jsonl, row 2, column 'instruction': empty; fix or drop this row")
+    no_user = write_jsonl(tmp_path / "no_user.jsonl", [
+        {"messages": [{"role": "user", "content": "the cat"}]},
+        {"messages": [{"role": "system", "content": "be happy"}, {"role": "assistant", "content": "a dog"}]}])
+    failed(gen(model, no_user, out, ok=False), "no_user.jsonl, row 2: the conversation has no user turn to answer at "
+           "its end", "end each conversation with the user's message")
+    strict = copy_model(model, tmp_path / "strict", skip=("chat_template.jinja",))
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+        "{% endif %}")
+    failed(gen(strict, chat, out, ok=False), "chat.jsonl, row 2: the student's chat template rejects this conversation",
+           "System role not supported", "fix the record to fit the template")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "the cat sat"}, {"prompt": "the cat sat on the mat " * 80}])
+    failed(gen(model, long, out, ok=False), "long.jsonl, row 2: the prompt is", "and the student takes 256 positions: "
+           "no room to answer; shorten the prompt or drop the row")
+    assert not out.exists()
+
+
+def test_out_errors_say_what_to_do(setup, reference, tmp_path, monkeypatch):
+    root, model, data, _ = setup
+    failed(gen(model, data, tmp_path, ok=False), f"--out {tmp_path}: {tmp_path} is a directory",
+           f"such as {tmp_path / 'gen.jsonl'}")
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"text": "mine"}\n')
+    failed(gen(model, data, foreign, ok=False), f"{foreign}, line 1: not a line written by adakd generate",
+           "choose another --out")
+    assert foreign.read_text() == '{"text": "mine"}\n'  # untouched
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(locked)) else real(p, mode, **kw))
+    failed(gen(model, data, locked / "o.jsonl", ok=False), f"--out {locked / 'o.jsonl'}: {locked / 'o.jsonl'} is not "
+           "writable; choose another --out")
+    monkeypatch.undo()
+    staging_file = tmp_path / "a-file"
+    staging_file.write_text("")
+    failed(gen(model, data, "s3://bucket/x/gen.jsonl?endpoint_override=127.0.0.1:1&scheme=http", "--staging",
+               str(staging_file), ok=False), "--staging: cannot write the staging file", "give --staging a writable")
+
+
+def test_merge_errors_say_what_to_do(setup, reference, tmp_path):
+    root, model, data, _ = setup
+
+    def merge(out, workers: int):
+        return CliRunner().invoke(cli.main, ["generate", "--data", str(data), "--out", str(out), "--num-workers",
+                                             str(workers), "--merge"])
+
+    out = tmp_path / "m.jsonl"
+    failed(merge(out, 1), "--merge needs the --num-workers the worker files were written with (2 or more), not 1")
+    failed(merge(out, 2), "m.worker-00000-of-00002.jsonl: no such worker file; run (or finish) worker 0 with "
+           "--num-workers 2 first")
+    text = reference.read_bytes()
+    (tmp_path / "m.worker-00000-of-00002.jsonl").write_bytes(text)
+    (tmp_path / "m.worker-00001-of-00002.jsonl").write_bytes(text[:-10])
+    failed(merge(out, 2), "m.worker-00001-of-00002.jsonl: its last line is torn; re-run worker 1 to finish it")
+    (tmp_path / "m.worker-00001-of-00002.jsonl").write_bytes(b'{"text": "mine"}\n')
+    failed(merge(out, 2), "m.worker-00001-of-00002.jsonl, line 1: not a line written by adakd generate")
+    failed(merge(tmp_path / "missing" / "m.jsonl", 2), "does not exist; create it or choose another --out")
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_generates(setup, tmp_path):
@@ -214,3 +350,21 @@ def test_vllm_generates(setup, tmp_path):
         g = x["generation"]
         assert g["engine"] == "vllm" and 1 <= len(g["token_ids"]) == len(g["logprobs"]) <= NEW
         assert all(math.isfinite(v) and v <= 0 for v in g["logprobs"])
+
+
+def test_an_answer_of_the_stop_token_alone_is_trained(setup, reference, tmp_path):
+    """A student may answer nothing (its first token is EOS): the record's text is empty, and its one token, the
+    stop, is what the student produced and what the teacher must score (a demo's student did this)."""
+    root, model, data, _ = setup
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    row = lines(reference)[0]
+    row["output"] = ""
+    row["generation"].update(token_ids=[tok.eos_token_id], logprobs=[-1.0], finish="stop")
+    seqs = cache_of(model, write_jsonl(tmp_path / "empty.jsonl", [row, lines(reference)[1]]), tmp_path / "cache")
+    assert s_ids(seqs[0]) == [tok.eos_token_id] and s_ids(seqs[1]) == lines(reference)[1]["generation"]["token_ids"]
+
+
+def s_ids(s) -> list[int]:
+    return s.input_ids[s.loss_mask].tolist()

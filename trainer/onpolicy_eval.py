@@ -20,7 +20,9 @@ the student's softmax(logits / temperature) restricted to its top-p nucleus and 
 below the teacher tokenizer's size; a padded student's extra outputs are never sampled, but their mass is
 still in the metrics). Each (prompt, sample) draws its uniforms from its own torch generator seeded from
 (seed, prompt index, sample index), inverse-CDF over the probabilities sorted in decreasing order, so a
-sample does not depend on the batch it was generated in, on `--limit`, or on the other samples.
+sample does not depend on the batch it was generated in, on `--limit`, or on the other samples. The sampler
+is `adakd.common.sampler`, the one `adakd generate --engine hf` uses: on the same prompts with the same
+model, seed, temperature and top-p the two commands draw the same token ids.
 
 The teacher and the student must map tokens to the same ids (the teacher scores the student's ids): checked
 with the teacher's tokenizer as the reference, as `eval --teacher` does.
@@ -44,6 +46,8 @@ import numpy as np
 import torch
 
 from adakd.common.packing import DEFAULT_ROW_TOKENS
+from adakd.common.sampler import draw as sample_draw
+from adakd.common.sampler import sample_generator
 
 from .evaluate import EvalDataError, _chat_prompt, _chat_row
 from .head import output_head
@@ -147,26 +151,11 @@ def encode_prompts(tok, rows: list[dict], model_dir: str, room: int) -> tuple[li
 # ---------------------------------------------------------------- sampling
 
 
-def sample_generator(seed: int, prompt: int, sample: int) -> torch.Generator:
-    """The CPU generator of one (prompt, sample): seeded from (seed, prompt index, sample index) alone."""
-    state = np.random.SeedSequence([seed % 2**64, prompt, sample]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-
 def draw(logits: torch.Tensor, generators: list[torch.Generator], real: int, temperature: float,
          top_p: float) -> torch.Tensor:
-    """One token per row of `logits` (rows, outputs): softmax(logits[:, :real] / temperature) in float64, its
-    top-p nucleus (the most likely ids until their mass reaches top_p, in decreasing order, ties by id), and
-    inverse CDF at a uniform from the row's generator."""
-    lp = torch.log_softmax(logits[:, :real].double() / temperature, dim=-1)
-    p, order = torch.sort(lp.exp(), dim=-1, descending=True, stable=True)
-    if top_p < 1.0:
-        before = torch.cumsum(p, dim=-1) - p  # mass of the more likely ids
-        p = torch.where(before < top_p, p, torch.zeros_like(p))
-    cum = torch.cumsum(p, dim=-1)
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(p.device)
-    idx = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1), right=True).clamp_(max=real - 1)
-    return order.gather(-1, idx).squeeze(-1)
+    """One token per row of `logits` (rows, outputs), drawn by the sampler `adakd generate --engine hf` uses
+    (`adakd.common.sampler.draw`: real ids only, top-p nucleus, inverse CDF at the row's generator's uniform)."""
+    return sample_draw(logits, generators, real, temperature, top_p)[0]
 
 
 class _Draw:
@@ -261,7 +250,8 @@ def evaluate_onpolicy(model_dir: str, teacher_dir: str, data: str, samples: int 
                       out_file: str | None = None) -> dict:
     """The student `model_dir` samples `samples` responses per prompt of `data` (first `limit` rows); the teacher
     `teacher_dir`, run live, scores every generated token. See the module's docstring for the numbers.
-    `out_file`: a jsonl of the samples (prompt index, sample index, text, token count, whether it stopped)."""
+    `out_file`: a jsonl of the samples (prompt index, sample index, text, token count, whether it stopped, the
+    sampled token ids)."""
     _check_options(samples, temperature, top_p, max_new_tokens)
     rows = read_prompts(data, limit)
     check_teacher_dir(teacher_dir)
@@ -298,7 +288,8 @@ def evaluate_onpolicy(model_dir: str, teacher_dir: str, data: str, samples: int 
             for i, per in enumerate(drawn):
                 f.writelines(json.dumps({"prompt_index": i, "sample": s, "where": rows[i]["where"],
                                         "response": tok.decode(g, skip_special_tokens=True), "tokens": len(g),
-                                        "stopped": bool(g) and g[-1] in stop}) + "\n" for s, g in enumerate(per))
+                                        "stopped": bool(g) and g[-1] in stop, "token_ids": g}) + "\n"
+                            for s, g in enumerate(per))
     rows_t = packed_rows(row_tokens if packing else None, ("--model", student), ("--teacher", teacher),
                          doing="evaluating")
     batches = _batches(_sequences(encoded, drawn), batch_tokens, rows_t)
