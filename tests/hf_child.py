@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import adakd
 from adakd.integrations.hf import CacheDataset, DistillationTrainer
+from adakd.trainer.distributed import destroy
 
 
 def main() -> None:
@@ -26,6 +27,8 @@ def main() -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         Path(out, "hf_log.json").write_text(json.dumps(trainer.state.log_history))
+    del trainer, model
+    destroy()  # the group Accelerate created, ended before interpreter exit (gloo's threads joined: no SIGABRT)
 
 
 if __name__ == "__main__":

@@ -137,11 +137,14 @@ NOT_ENOUGH_DATA = "{cache}: not enough data for one optimizer step on each of {w
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; --out is a local directory or a store URI (trainer/outdir.py stages and uploads it)."""
     rank, world, local = dist.init()
-    outdir = OutDir(cfg.out, rank)  # refuses an --out another live run holds; stages a store's last checkpoint
     try:
-        return _train(cfg, outdir, rank, world, local)
+        outdir = OutDir(cfg.out, rank)  # refuses an --out another live run holds; stages a store's last checkpoint
+        try:
+            return _train(cfg, outdir, rank, world, local)
+        finally:
+            outdir.close()
     finally:
-        outdir.close()
+        dist.shutdown()  # the group init joined, ended here (not at interpreter exit): see distributed.shutdown
 
 
 def _train(cfg: TrainConfig, outdir: OutDir, rank: int, world: int, local: int) -> dict[str, Any]:
