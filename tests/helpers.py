@@ -46,3 +46,22 @@ def make_info(vocab: int = 300, k: int = 16, num_workers: int = 1, **over) -> Ca
     )
     base.update(over)
     return CacheInfo(**base)
+
+
+def draw_by_hand(z: np.ndarray, u: float, temperature: float, top_p: float) -> tuple[int, float]:
+    """The student sampler's documented rule (adakd.common.sampler) in numpy, the one reference `adakd generate`
+    and `eval --generate` are both checked against: (id, log-probability under the distribution sampled from)."""
+    if temperature == 0:
+        lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+        t = int(np.argmax(z))
+        return t, float(lp[t])
+    x = z / temperature
+    q = np.exp(x - x.max())
+    q /= q.sum()
+    order = np.argsort(-q, kind="stable")
+    qs = q[order]
+    if top_p < 1:
+        qs = np.where(np.cumsum(qs) - qs < top_p, qs, 0.0)
+    cum = np.cumsum(qs)
+    t = int(order[min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(q) - 1)])
+    return t, float(np.log(q[t] / cum[-1]))

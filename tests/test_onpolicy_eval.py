@@ -8,10 +8,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import draw_by_hand
 from tiny import build_teacher, cached_teacher, corpus, write_jsonl
 
 from adakd import cli
@@ -41,18 +41,6 @@ def setup(tmp_path_factory):
             "prompts": prompts}
 
 
-def _draw_by_hand(p: np.ndarray, u: float, temperature: float, top_p: float) -> int:
-    lp = p / temperature
-    q = np.exp(lp - lp.max())
-    q /= q.sum()
-    order = np.argsort(-q, kind="stable")
-    qs = q[order]
-    if top_p < 1:
-        qs = np.where(np.cumsum(qs) - qs < top_p, qs, 0.0)
-    cum = np.cumsum(qs)
-    return int(order[min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(q) - 1)])
-
-
 @torch.no_grad()
 def direct(student_dir, teacher_dir, prompts: list[str], samples: int, seed: int, temperature: float = 1.0,
            top_p: float = 1.0) -> tuple[dict, list[list[str]]]:
@@ -75,7 +63,7 @@ def direct(student_dir, teacher_dir, prompts: list[str], samples: int, seed: int
             for _ in range(NEW):
                 z = s(input_ids=torch.tensor([seq])).logits[0, -1, :real].double().numpy()
                 u = torch.rand((), generator=g, dtype=torch.float64).item()
-                seq.append(_draw_by_hand(z, u, temperature, top_p))
+                seq.append(draw_by_hand(z, u, temperature, top_p)[0])
                 if seq[-1] == tok.eos_token_id:
                     break
             x = torch.tensor([seq])

@@ -8,10 +8,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import draw_by_hand
 from tiny import build_tokenizer, corpus, instruction_rows, write_jsonl
 
 from adakd import cli
@@ -19,24 +19,6 @@ from adakd.common.sampler import draw, processed_logprobs, sample_generator, sam
 
 PAD = 16  # padded output rows beyond the tokenizer's ids
 NEW = 10
-
-
-def by_hand(z: np.ndarray, u: float, temperature: float, top_p: float) -> tuple[int, float]:
-    """The documented rule in numpy: (id, log-probability under the distribution sampled from)."""
-    if temperature == 0:
-        lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
-        t = int(np.argmax(z))
-        return t, float(lp[t])
-    x = z / temperature
-    q = np.exp(x - x.max())
-    q /= q.sum()
-    order = np.argsort(-q, kind="stable")
-    qs = q[order]
-    if top_p < 1:
-        qs = np.where(np.cumsum(qs) - qs < top_p, qs, 0.0)
-    cum = np.cumsum(qs)
-    t = int(order[min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(q) - 1)])
-    return t, float(np.log(q[t] / cum[-1]))
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (1.3, 0.3), (0.0, 1.0), (0.0, 0.5)])
@@ -51,7 +33,7 @@ def test_draw_follows_the_rule_by_hand(temperature, top_p):
     assert tokens.dtype == torch.int64 and logp.dtype == torch.float64 and lp_all.shape == (rows, real)
     for r in range(rows):
         u = torch.rand((), generator=sample_generator(11, r, 0), dtype=torch.float64).item()
-        t, lp = by_hand(logits[r, :real].double().numpy(), u, temperature, top_p)
+        t, lp = draw_by_hand(logits[r, :real].double().numpy(), u, temperature, top_p)
         assert int(tokens[r]) == t < real
         assert float(logp[r]) == pytest.approx(lp, abs=1e-9)
         assert float(lp_all[r, t]) == pytest.approx(lp, abs=1e-9)  # the same distribution, in full
