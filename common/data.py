@@ -116,7 +116,7 @@ _DOWNLOADED: dict[str, str] = {}  # store URI -> its local copy
 def local_source(source: str) -> str:
     """`source` itself, or for a data file on an object store its local copy (same file name, so the data's
     fingerprint is that of the same file on disk), downloaded on first use."""
-    from adakd.storage.fs import is_uri, redact
+    from adakd.storage.fs import is_uri, redact, split_uri
 
     if not is_uri(source):
         return source
@@ -126,9 +126,8 @@ def local_source(source: str) -> str:
     import shutil
     import tempfile
 
-    base, _, query = source.partition("?")
-    folder, _, name = base.rstrip("/").rpartition("/")
-    if os.path.splitext(name)[1] not in FORMATS or "/" not in base.split("://", 1)[1]:
+    folder, name = split_uri(source)
+    if os.path.splitext(name)[1] not in FORMATS or "/" not in source.partition("?")[0].split("://", 1)[1]:
         raise DataError(f"--data {redact(source)}: a store URI must name one data file ({'/'.join(sorted(FORMATS))}), "
                         "such as s3://bucket/runs/gen.jsonl; folders and globs are read from local disk only")
     from adakd.storage.fs import CacheDir
@@ -137,7 +136,7 @@ def local_source(source: str) -> str:
     atexit.register(shutil.rmtree, tmp, True)
     local = os.path.join(tmp, name)
     try:
-        CacheDir.open(f"{folder}{'?' + query if query else ''}").download(name, local)
+        CacheDir.open(folder).download(name, local)
     except Exception as e:  # pyarrow and the store raise many types
         raise DataError(f"--data {redact(source)}: cannot be read from the store ({redact(str(e))}); check the URI, "
                         "the credentials and the endpoint (docs/object-stores.md)") from e

@@ -410,12 +410,13 @@ def parts_location(out: str) -> str:
 
 def _store_target(out: str) -> tuple[str, str]:
     """(folder URI, object name) of a store `--out`; the name must be a plain file name."""
-    base, sep, query = out.partition("?")
-    folder, _, name = base.rstrip("/").rpartition("/")
-    if not name or "/" not in base.split("://", 1)[1].strip("/") or not _PLAIN_NAME.match(name):
+    from adakd.storage.fs import split_uri
+
+    folder, name = split_uri(out)
+    if not name or "/" not in out.partition("?")[0].split("://", 1)[1].strip("/") or not _PLAIN_NAME.match(name):
         raise DataError(f"--out {redact(out)}: name the object to write, a plain file name inside a bucket (letters, "
                         "digits, '.', '_', '-'), such as s3://bucket/runs/gen.jsonl")
-    return f"{folder}{sep}{query}", name
+    return folder, name
 
 
 def staging_file(cfg: GenerateConfig) -> str:

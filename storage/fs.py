@@ -55,6 +55,14 @@ def join_uri(location: str | os.PathLike, rel: str) -> str:
     return f"{base.rstrip('/')}/{rel}{sep}{query}"
 
 
+def split_uri(target: str) -> tuple[str, str]:
+    """(folder URI, file name) of a store URI naming a file, the query string (endpoint, region) kept on the folder:
+    the inverse of `join_uri`. The name is whatever follows the last '/', checked by the caller."""
+    base, sep, query = target.partition("?")
+    folder, _, name = base.rstrip("/").rpartition("/")
+    return f"{folder}{sep}{query}", name
+
+
 def safe_relpath(rel: str, what: str = "path") -> str:
     """Refuse a manifest path that could leave the cache directory."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
@@ -198,9 +206,8 @@ class CacheDir:
 
 def put_file(local: str | os.PathLike, target: str) -> None:
     """Copy a finished local file to `target`, a store URI naming the file (for outputs such as plots)."""
-    base, _, query = target.partition("?")
-    folder, _, name = base.rstrip("/").rpartition("/")
-    CacheDir.open(f"{folder}{'?' + query if query else ''}").upload(local, name)
+    folder, name = split_uri(target)
+    CacheDir.open(folder).upload(local, name)
 
 
 def get_folder(uri: str, local: str | os.PathLike) -> int:
